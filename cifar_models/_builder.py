@@ -1,0 +1,85 @@
+"""Shared pieces of the CIFAR model families: default pretrained cfg, weight init, timm builder call.
+
+Every family file builds its variants through `build_cifar_model`, so the timm contract
+(pretrained cfg, `features_only`, `feature_info`) is wired the same way for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "INIT_MODES", "build_cifar_model", "cifar_cfg", "init_weights"]
+
+# Per-channel mean / std of the CIFAR-10 training set (pixel values in [0, 1]). The std is the
+# true per-pixel std, not the 0.2023/0.1994/0.2010 values that circulate from an old typo.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+INIT_MODES = ("kaiming_fan_out", "kaiming_fan_in", "xavier_uniform", "xavier_normal")
+
+
+def cifar_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    """Default pretrained cfg for a CIFAR model: 32x32 RGB, 10 classes, CIFAR-10 statistics."""
+    return {
+        "url": url,
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "fixed_input_size": False,
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "conv",
+        "classifier": "fc",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+def init_weights(model: nn.Module, mode: str = "kaiming_fan_out") -> None:
+    """The seed's initialisation: conv weights by `mode`, BN weight 1 / bias 0, linear bias 0."""
+    if mode not in INIT_MODES:
+        raise ValueError(f"init_mode must be one of {', '.join(INIT_MODES)}; got {mode!r}")
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            if mode == "kaiming_fan_out":
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif mode == "kaiming_fan_in":
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            elif mode == "xavier_uniform":
+                nn.init.xavier_uniform_(module.weight, gain=1.0)
+            else:
+                nn.init.xavier_normal_(module.weight, gain=1.0)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_cifar_model(
+    model_cls: type[nn.Module],
+    variant: str,
+    pretrained: bool = False,
+    num_features: int = 4,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build `model_cls` through timm's builder.
+
+    `num_features` is how many entries the model's `feature_info` has (stem + stages); with
+    `features_only=True` all of them are returned unless the caller passes `out_indices`.
+    """
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_features))),
+        **kwargs,
+    )

@@ -1,0 +1,1 @@
+"""Training, evaluation and export for cifar-recipes (the CIFAR models live in `cifar_models`)."""
