@@ -41,7 +41,7 @@ def cifar_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
 
 
 def init_weights(model: nn.Module, mode: str = "kaiming_fan_out") -> None:
-    """The seed's initialisation: conv weights by `mode`, BN weight 1 / bias 0, linear bias 0."""
+    """The seed's initialisation: conv and linear weights by `mode` (Kaiming normal), BN weight 1 / bias 0, biases 0."""
     if mode not in INIT_MODES:
         raise ValueError(f"init_mode must be one of {', '.join(INIT_MODES)}; got {mode!r}")
     for module in model.modules():
@@ -60,8 +60,11 @@ def init_weights(model: nn.Module, mode: str = "kaiming_fan_out") -> None:
             if module.weight is not None:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            if mode.startswith("kaiming"):
+                nn.init.kaiming_normal_(module.weight, mode=mode[len("kaiming_") :], nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def build_cifar_model(
