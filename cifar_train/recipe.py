@@ -274,13 +274,19 @@ def _check_contradictions(r: Recipe) -> None:
             raise UserError(f"optim.betas = {r.optim.betas!r}: each beta must be in [0, 1)")
     if s.name == "multistep":
         ms = s.milestones
-        if list(ms) != sorted(set(ms)) or any(m <= 0 or m >= t.epochs for m in ms):
+        main = t.epochs - s.warmup_epochs  # milestones count from the end of warmup, as in the seed
+        if list(ms) != sorted(set(ms)) or any(m <= 0 or m >= main for m in ms):
             raise UserError(
                 f"schedule.milestones = {ms!r} must be strictly increasing epochs between 1 and "
-                f"train.epochs - 1 = {t.epochs - 1}"
+                f"{main - 1} (train.epochs - schedule.warmup_epochs - 1; they count from the end of warmup)"
             )
     if s.warmup != "none" and s.warmup_epochs == 0:
         raise UserError(f"schedule.warmup = {s.warmup!r} needs schedule.warmup_epochs >= 1")
+    if s.warmup == "none" and s.warmup_epochs > 0:
+        raise UserError(
+            f"schedule.warmup_epochs = {s.warmup_epochs} with schedule.warmup = 'none'; "
+            "choose a warmup ('linear' or 'exponential') or set warmup_epochs = 0"
+        )
     if s.warmup_epochs >= t.epochs:
         raise UserError(f"schedule.warmup_epochs = {s.warmup_epochs} must be less than train.epochs = {t.epochs}")
     if t.batch_size % t.subdivision:

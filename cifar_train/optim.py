@@ -1,0 +1,318 @@
+"""Optimizers: the seed's set (SGD, Adam, AMSGrad, AdamW, LARS, AdaBound, AdaBoundW) plus every timm optimizer.
+
+LARS here is the seed's variant of You et al., "Large Batch Training of Convolutional Networks"
+(https://arxiv.org/abs/1708.03888): no trust coefficient, a weight-norm threshold below which the layer keeps
+the global rate, and the learning rate inside the momentum buffer. It is not timm's `Lars`.
+
+AdaBound follows Luo et al., "Adaptive Gradient Methods with Dynamic Bound of Learning Rate"
+(https://arxiv.org/abs/1902.09843) as in the authors' reference implementation, which the seed used.
+
+"No weight decay on BN" picks parameters by what they are (a normalisation layer's parameters, any
+module's `bias`), never by a substring of their name: the seed's `'conv.weight' in name` rule also
+exempted the final linear layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import timm.optim
+import torch
+from timm.layers import evo_norm, filter_response_norm, norm, norm_act
+from torch import nn
+
+from cifar_train.errors import UserError, did_you_mean
+
+__all__ = [
+    "LARS",
+    "OPTIMIZER_NAMES",
+    "OWN_OPTIMIZER_NAMES",
+    "AdaBound",
+    "create_optimizer",
+    "param_groups",
+]
+
+OWN_OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "amsgrad", "adamw", "lars", "adabound", "adaboundw")
+_TIMM_NAMES = frozenset(timm.optim.list_optimizers())
+# ours first; the rest go to timm.optim.create_optimizer_v2 (ours win where timm has the same name, e.g. 'lars').
+# timm's 'lookahead_<name>' wrappers are accepted too.
+OPTIMIZER_NAMES: tuple[str, ...] = OWN_OPTIMIZER_NAMES + tuple(sorted(_TIMM_NAMES - set(OWN_OPTIMIZER_NAMES)))
+
+
+def _module_classes(*modules: Any) -> tuple[type[nn.Module], ...]:
+    """Every nn.Module subclass defined in the given Python modules."""
+    return tuple(
+        c
+        for m in modules
+        for c in vars(m).values()
+        if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == m.__name__
+    )
+
+
+# Module types whose parameters are normalisation affine terms (scale, shift, EvoNorm's v, ...).
+# torch's BatchNorm/InstanceNorm/SyncBatchNorm share _NormBase; timm's norm files add RmsNorm, EvoNorm, FRN, ...
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+    *_module_classes(norm, norm_act, evo_norm, filter_response_norm),
+)
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, no_weight_decay_on_bn: bool) -> list[dict]:
+    """Parameter groups for an optimizer: one group with `weight_decay`, and, when `no_weight_decay_on_bn`,
+    a second with weight decay 0 holding every normalisation-layer parameter and every bias.
+
+    Conv and linear weights (the classifier's too) always keep the weight decay. Empty groups are left out.
+    """
+    if not no_weight_decay_on_bn:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, NORM_TYPES)
+        for role, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # shared (tied) parameters go where they were met first
+                continue
+            seen.add(id(param))
+            (no_decay if is_norm or role == "bias" else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _check_non_negative(value: float, what: str) -> None:
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"Invalid {what}: {value}")
+
+
+def _check_betas(betas: tuple[float, float]) -> None:
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
+class LARS(torch.optim.Optimizer):
+    """The seed's LARS. For each parameter w with gradient g (norms are whole-tensor L2 norms):
+
+    local_lr = |w| / (eps + |g| + weight_decay * |w|), or 1 where |w| < thresh
+    buf = momentum * buf + lr * local_lr * (g + weight_decay * w)      (buf starts at 0)
+    w = w - buf
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        eps: float = 1e-9,
+        thresh: float = 1e-2,
+    ) -> None:
+        _check_non_negative(lr, "learning rate")
+        _check_non_negative(momentum, "momentum value")
+        _check_non_negative(weight_decay, "weight_decay value")
+        _check_non_negative(eps, "epsilon value")
+        _check_non_negative(thresh, "LARS threshold")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, thresh=thresh)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # torch._foreach_* kernels want tensors of one device and dtype per call
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for params in buckets.values():
+                self._update(params, **{k: group[k] for k in ("lr", "momentum", "weight_decay", "eps", "thresh")})
+        return loss
+
+    def _update(
+        self, params: list[torch.Tensor], *, lr: float, momentum: float, weight_decay: float, eps: float, thresh: float
+    ) -> None:
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+
+        w_norm = torch.stack(torch._foreach_norm(params))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        local_lr = w_norm / (eps + g_norm + weight_decay * w_norm)
+        local_lr = torch.where(w_norm < thresh, torch.ones_like(local_lr), local_lr)
+        scale = (lr * local_lr).unbind()
+
+        if weight_decay != 0:
+            update = torch._foreach_add(grads, params, alpha=weight_decay)
+            torch._foreach_mul_(update, scale)
+        else:
+            update = torch._foreach_mul(grads, scale)
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, update)
+        torch._foreach_sub_(params, bufs)
+
+
+class AdaBound(torch.optim.Optimizer):
+    """AdaBound: Adam whose per-element step size is clipped to bounds that close in on `final_lr`
+    (SGD's rate) at a speed set by `gamma`, so training moves from Adam-like to SGD-like.
+
+    `decoupled_weight_decay=True` is AdaBoundW: after the update, w -= weight_decay * w (not scaled by the
+    learning rate, as in the reference implementation); otherwise weight decay is an L2 term added to the
+    gradient. A learning-rate schedule scales `final_lr` by lr / (lr at construction), so the bounds follow
+    the schedule too. `amsbound=True` normalises by the running maximum of the second moment.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        final_lr: float = 0.1,
+        gamma: float = 1e-3,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        amsbound: bool = False,
+    ) -> None:
+        _check_non_negative(lr, "learning rate")
+        _check_betas(betas)
+        _check_non_negative(final_lr, "final learning rate")
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"Invalid gamma parameter: {gamma} (must be in (0, 1))")
+        _check_non_negative(eps, "epsilon value")
+        _check_non_negative(weight_decay, "weight_decay value")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            final_lr=final_lr,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsbound=amsbound,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            group.setdefault("base_lr", group["lr"])  # the reference for scaling final_lr; kept in state_dict
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            final_lr = group["final_lr"] * lr / group["base_lr"] if group["base_lr"] > 0 else 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("AdaBound does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsbound"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                if wd != 0 and not group["decoupled_weight_decay"]:
+                    grad = grad.add(p, alpha=wd)
+
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if group["amsbound"]:
+                    torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+                    denom = state["max_exp_avg_sq"].sqrt().add_(group["eps"])
+                else:
+                    denom = exp_avg_sq.sqrt().add_(group["eps"])
+
+                adam_step = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                lower = final_lr * (1 - 1 / (group["gamma"] * t + 1))
+                upper = final_lr * (1 + 1 / (group["gamma"] * t))
+                step_size = (adam_step / denom).clamp_(lower, upper).mul_(exp_avg)
+                if wd != 0 and group["decoupled_weight_decay"]:
+                    p.mul_(1 - wd)
+                p.sub_(step_size)
+        return loss
+
+
+def _unknown_optimizer(name: str) -> UserError:
+    return UserError(
+        f"unknown optimizer {name!r}{did_you_mean(name.lower(), OPTIMIZER_NAMES)}; ours are "
+        f"{', '.join(OWN_OPTIMIZER_NAMES)}, and any name in timm.optim.list_optimizers() works too"
+    )
+
+
+def create_optimizer(
+    model: nn.Module,
+    *,
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+    no_weight_decay_on_bn: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    lars_eps: float = 1e-9,
+    lars_thresh: float = 1e-2,
+    adabound_final_lr: float = 0.1,
+    adabound_gamma: float = 1e-3,
+) -> torch.optim.Optimizer:
+    """The optimizer `name` over `model`'s parameters (grouped by `param_groups`).
+
+    Ours: sgd (momentum, optionally Nesterov), adam and amsgrad (L2 weight decay, as the seed), adamw,
+    lars (the seed's, above), adabound and adaboundw. Any other name goes to `timm.optim.create_optimizer_v2`
+    with lr, weight_decay, momentum and betas where that optimizer takes them. Bad values raise UserError.
+    """
+    base_name = name.removeprefix("lookahead_")  # timm wraps any of its optimizers in Lookahead this way
+    if name not in OPTIMIZER_NAMES and not (name.startswith("lookahead_") and base_name in _TIMM_NAMES):
+        raise _unknown_optimizer(name)
+    groups = param_groups(model, weight_decay=weight_decay, no_weight_decay_on_bn=no_weight_decay_on_bn)
+    betas = tuple(betas)
+    try:
+        if name == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        if name in ("adam", "amsgrad"):
+            return torch.optim.Adam(groups, lr=lr, betas=betas, weight_decay=weight_decay, amsgrad=name == "amsgrad")
+        if name == "adamw":
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        if name == "lars":
+            return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eps=lars_eps, thresh=lars_thresh)
+        if name in ("adabound", "adaboundw"):
+            return AdaBound(
+                groups,
+                lr=lr,
+                betas=betas,
+                final_lr=adabound_final_lr,
+                gamma=adabound_gamma,
+                weight_decay=weight_decay,
+                decoupled_weight_decay=name == "adaboundw",
+            )
+        info = timm.optim.get_optimizer_info(base_name)
+        extra = {"betas": betas} if info.has_betas and info.num_betas == len(betas) else {}
+        return timm.optim.create_optimizer_v2(
+            groups, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum, **extra
+        )
+    except ValueError as err:  # torch's, timm's and ours: "Invalid learning rate: -0.1" and the like
+        raise UserError(f"optimizer {name!r}: {err}") from err
