@@ -47,6 +47,8 @@ def materialize_digits(root: Path) -> Path:
     )
     Path(root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         (tmp / "data").mkdir()
         for split, index in splits.items():
@@ -70,4 +72,7 @@ def materialize_digits(root: Path) -> Path:
         if (target / "README.md").is_file():  # another process finished first
             return target
         raise
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     return target

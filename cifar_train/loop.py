@@ -334,6 +334,11 @@ def train(
     if t.precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError('train.precision = "fp16" needs a GPU; on CPU use "bf16" or "no"')
     per_process_batch, remainder = divmod(t.batch_size, accelerator.num_processes)
+    if recipe.augment.mix in ("mixup", "cutmix") and per_process_batch % 2:
+        raise UserError(
+            f"augment.mix = {recipe.augment.mix!r} needs an even batch per process; train.batch_size = "
+            f"{t.batch_size} over {accelerator.num_processes} process(es) gives {per_process_batch}"
+        )
     if remainder or per_process_batch % t.subdivision:
         raise UserError(
             f"train.batch_size = {t.batch_size} must split evenly over {accelerator.num_processes} "
@@ -385,7 +390,7 @@ def train(
     # Only now, with every input checked, is the run directory touched.
     lock = RunLock(run_dir)
     if accelerator.is_main_process:
-        lock.acquire()
+        lock.acquire(expect_empty=not (resume or overwrite))
         if overwrite:
             lock.clear_run_dir()
         if not resume:
@@ -446,7 +451,7 @@ def train(
                         break
                     if batch_index < state.batch_in_epoch:  # resumed mid-epoch: these were trained already
                         continue
-                    images, targets = augment(images_all[indices], labels_all[indices])
+                    images, targets = augment(images_all.index_select(0, indices), labels_all.index_select(0, indices))
                     if channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
                     with accelerator.accumulate(model):
@@ -524,21 +529,38 @@ def train(
             interrupted = stop
         finally:
             progress.close()
-    accelerator.end_training()
 
     if interrupted is not None:
+        accelerator.end_training()
         if accelerator.is_main_process:
             lock.release()
         raise interrupted
 
     final = dict(history[-1]) if history else {}
     final.update(best_val_acc1=state.best_val_acc1, elapsed_seconds=state.elapsed_seconds)
+    final["ranks_in_sync"] = _ranks_in_sync(accelerator, model)
     if accelerator.is_main_process:
+        dump_json(run_dir / "final_metrics.json", final)
         _export(accelerator.unwrap_model(model), run_dir, recipe, info, final)
         print_summary(history, final, run_dir)
         lock.release()
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return final
+
+
+def _ranks_in_sync(accelerator: Accelerator, model: nn.Module) -> bool:
+    """Whether every process ends with the same weights (a cheap fingerprint, compared across ranks)."""
+    with torch.no_grad():
+        fingerprint = torch.stack(
+            [
+                torch.stack([p.double().sum(), p.double().square().sum()])
+                for p in model.state_dict().values()
+                if p.is_floating_point()
+            ]
+        ).flatten()
+    gathered = accelerator.gather(fingerprint[None])
+    return bool((gathered == gathered[0]).all())
 
 
 def _forward_backward(

@@ -1,0 +1,171 @@
+"""Input-pipeline throughput: the seed's per-sample PIL pipeline against our whole-batch tensor pipeline.
+
+Both do the CIFAR training augmentation (pad 4 + random crop 32, horizontal flip, normalise, Cutout 16)
+and deliver a float batch with labels, on `--threads` CPU threads (seed style: the main process for one
+thread, else that many DataLoader workers; ours: torch intra-op threads). Prints one JSON line with
+`--json`, e.g.
+
+    python benchmarks/throughput.py --model resnet20 --batch-size 128 --threads 1 --json
+
+The training-loop issue adds `model_images_per_second` and `loop_images_per_second` to the same line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from cifar_train.augment import BatchAugment
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # stand-ins: throughput does not depend on the values
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class _SeedStyleCutout:
+    """Cutout on one normalised HWC float image, with the seed's centre range and clipping."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.offset = 1 if size % 2 == 0 else 0
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        cy = np.random.randint(0, height + self.offset)
+        cx = np.random.randint(0, width + self.offset)
+        top, left = max(0, cy - self.size // 2), max(0, cx - self.size // 2)
+        image[top : cy - self.size // 2 + self.size, left : cx - self.size // 2 + self.size] = 0.0
+        return image
+
+
+class _SeedStyleDataset(Dataset):
+    """uint8 HWC images handed out one at a time as PIL images through per-sample transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = images
+        self.labels = labels
+        self.crop = transforms.RandomCrop(32, padding=4, fill=0, padding_mode="constant")
+        self.flip = transforms.RandomHorizontalFlip(0.5)
+        self.mean = np.asarray(CIFAR_MEAN, dtype=np.float32)
+        self.std = np.asarray(CIFAR_STD, dtype=np.float32)
+        self.cutout = _SeedStyleCutout(16)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.flip(self.crop(PIL.Image.fromarray(self.images[index])))
+        array = (np.asarray(image, dtype=np.float32) / 255.0 - self.mean) / self.std
+        array = self.cutout(array)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy()), int(self.labels[index])
+
+
+def _rate(step: Callable[[], int], seconds: float, rounds: int = 5) -> float:
+    """Images per second of `step` (returns the images it produced): the best of `rounds` equal rounds.
+
+    The best round is the least disturbed by other processes on a shared machine.
+    """
+    step()  # warm-up: worker start, first allocations
+    best = 0.0
+    for _ in range(rounds):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / rounds:
+            count += step()
+        best = max(best, count / (time.perf_counter() - start))
+    return best
+
+
+def seed_style_images_per_second(
+    images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, threads: int, seconds: float
+) -> float:
+    """The seed's pipeline: PIL crop and flip, numpy normalise and Cutout, per sample, then collate."""
+    torch.set_num_threads(1)
+    dataset = _SeedStyleDataset(images.permute(0, 2, 3, 1).numpy(), labels.numpy())
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=threads if threads > 1 else 0,
+        persistent_workers=threads > 1,
+    )
+    batches = iter(loader)
+
+    def step() -> int:
+        nonlocal batches
+        try:
+            batch, _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch, _ = next(batches)
+        return batch.shape[0]
+
+    return _rate(step, seconds)
+
+
+def pipeline_images_per_second(
+    images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, threads: int, seconds: float
+) -> float:
+    """Ours: `index_select` a batch of pre-decoded uint8 images (much faster than `images[index]` on CPU),
+    then one `BatchAugment` call."""
+    torch.set_num_threads(threads)
+    augment = BatchAugment(num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, cutout=16)
+
+    def step() -> int:
+        index = torch.randint(0, images.shape[0], (batch_size,))
+        batch, _ = augment(images.index_select(0, index), labels.index_select(0, index))
+        return batch.shape[0]
+
+    return _rate(step, seconds)
+
+
+def measure(*, batch_size: int, threads: int, seconds: float, num_images: int = 10_000) -> dict[str, float | int]:
+    """Both pipelines on the same synthetic 32x32 RGB images (throughput does not depend on content)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (num_images,), generator=generator)
+    seed_style = seed_style_images_per_second(images, labels, batch_size=batch_size, threads=threads, seconds=seconds)
+    ours = pipeline_images_per_second(images, labels, batch_size=batch_size, threads=threads, seconds=seconds)
+    return {
+        "seed_style_pipeline_images_per_second": round(seed_style, 1),
+        "pipeline_images_per_second": round(ours, 1),
+        "pipeline_speedup": round(ours / seed_style, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20", help="model name (used by the training-loop measurements)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for each pipeline")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per pipeline (best of 5 rounds), s")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+
+    result: dict[str, object] = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    result.update(measure(batch_size=args.batch_size, threads=args.threads, seconds=args.seconds))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>40}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared test set-up: offline Hugging Face libraries, a private decode cache, real small datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
+
+# Nothing may reach for the Hub from a test; a missing local dataset must fail fast instead.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Decoded datasets go to a per-session cache, never the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("cifar_recipes_cache")
+    old = os.environ.get("CIFAR_RECIPES_CACHE")
+    os.environ["CIFAR_RECIPES_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("CIFAR_RECIPES_CACHE", None)
+    else:
+        os.environ["CIFAR_RECIPES_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's real 8x8 digits in the Hub's parquet layout (1,437 train / 360 test)."""
+    pytest.importorskip("sklearn", reason="scikit-learn (a dev extra) provides the digits dataset")
+    from cifar_train.digits import materialize_digits
+
+    return materialize_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    if not (SHARED_CIFAR10 / "plain_text").is_dir():
+        pytest.skip(f"real CIFAR-10 copy not found at {SHARED_CIFAR10} (it ships beside the project checkout)")
+    return SHARED_CIFAR10
