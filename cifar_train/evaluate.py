@@ -1,0 +1,509 @@
+"""Evaluate a trained model: loss, top-1/top-5, per-class accuracy, confusion matrix, calibration.
+
+    python evaluate.py runs/wrn_ricap                      # a run directory: dataset and split from its recipe
+    python evaluate.py runs/wrn_ricap --tta flip --json    # average the softmax of each image and its mirror
+    python evaluate.py hf-hub:user/name --dataset cifar10  # a published model needs --dataset
+
+SOURCE is a run directory, `local-dir:PATH` (the same) or `hf-hub:ID`. The model is loaded with
+`timm.create_model(SOURCE, pretrained=True)` after `import cifar_models`; images are normalised with the
+mean / std stored in the model's `pretrained_cfg`, which are the ones its training run used.
+Accuracies, per-class accuracies and the expected calibration error (ECE) are in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cifar_train.errors import UserError
+from cifar_train.export import WEIGHTS_FILE
+
+__all__ = [
+    "ECE_BINS",
+    "TTA_MODES",
+    "EvalData",
+    "compute_metrics",
+    "evaluate",
+    "expected_calibration_error",
+    "load_model",
+    "main",
+    "predict",
+]
+
+ECE_BINS = 15  # equal-width confidence bins
+TTA_MODES = ("flip",)
+RECIPE_FILE = "recipe.toml"
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = ECE_BINS) -> float:
+    """ECE in percent: sum over equal-width confidence bins of |accuracy - mean confidence| x bin share.
+
+    Confidence is the top probability; a sample with confidence c falls in bin ceil(c * num_bins) (bins
+    are (lo, hi], the first also holds c = 0).
+    """
+    if probs.shape[0] == 0:
+        return float("nan")
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == labels).double()
+    bins = (confidence.double() * num_bins).ceil().long().sub(1).clamp(0, num_bins - 1)
+    conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, confidence.double())
+    acc_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    gap = (acc_sum - conf_sum).abs()  # = count * |mean acc - mean conf| per bin
+    return float(gap.sum() / probs.shape[0] * 100)
+
+
+def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
+    """Loss, top-1, top-5, per-class accuracy, confusion matrix and ECE from log-probabilities `(N, K)`.
+
+    `confusion_matrix[i][j]` counts samples of true class i predicted as class j. A class without samples
+    has per-class accuracy None.
+    """
+    num_samples, num_classes = log_probs.shape
+    log_probs, labels = log_probs.double().cpu(), labels.long().cpu()
+    probs = log_probs.exp()
+    predicted = log_probs.argmax(dim=1)
+    top_k = log_probs.topk(min(5, num_classes), dim=1).indices
+    loss = F.nll_loss(log_probs, labels, reduction="mean") if num_samples else torch.tensor(float("nan"))
+    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
+    confusion = confusion.reshape(num_classes, num_classes)
+    per_class_total = confusion.sum(dim=1)
+    per_class = {
+        name: (float(confusion[k, k] / per_class_total[k] * 100) if per_class_total[k] else None)
+        for k, name in enumerate(class_names)
+    }
+    return {
+        "num_samples": num_samples,
+        "num_classes": num_classes,
+        "loss": float(loss),
+        "top1": float((predicted == labels).double().mean() * 100) if num_samples else float("nan"),
+        "top5": float((top_k == labels[:, None]).any(dim=1).double().mean() * 100) if num_samples else float("nan"),
+        "ece": expected_calibration_error(probs, labels),
+        "per_class_accuracy": per_class,
+        "class_names": list(class_names),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and data
+
+
+def _resolve_source(source: str) -> tuple[str, Path | None]:
+    """`(timm model name, run directory or None)` for a run directory, `local-dir:PATH` or `hf-hub:ID`."""
+    if source.startswith("hf-hub:"):
+        if not source[len("hf-hub:") :].strip("/"):
+            raise UserError(f"source {source!r} names no repository; use hf-hub:user/name")
+        return source, None
+    path = Path(source[len("local-dir:") :] if source.startswith("local-dir:") else source).expanduser()
+    if not path.is_dir():
+        raise UserError(f"source {source!r}: no such directory; give a run directory, local-dir:PATH or hf-hub:ID")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise UserError(
+            f"source {source!r}: no {WEIGHTS_FILE} in {str(path)!r}; a run exports it when it finishes "
+            "(an interrupted run has only checkpoints/)"
+        )
+    if not (path / "config.json").is_file():
+        raise UserError(f"source {source!r}: no config.json in {str(path)!r}, so timm cannot rebuild the model")
+    return f"local-dir:{path}", path
+
+
+def load_model(source: str) -> nn.Module:
+    """The model behind `source` (run directory, `local-dir:PATH` or `hf-hub:ID`) with its weights, in eval mode."""
+    import timm
+
+    import cifar_models  # noqa: F401  (registers the CIFAR architectures a config may name)
+
+    name, _ = _resolve_source(source)
+    if name.startswith("hf-hub:"):
+        from cifar_train.push import check_hub_reachable
+
+        if not _in_hf_cache(name[len("hf-hub:") :]):
+            check_hub_reachable(f"source {source!r}")
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:  # unknown architecture, bad weights, Hub errors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"source {source!r} cannot be loaded with timm: {first}") from err
+    return model.eval()
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hub repository's config is in the local Hugging Face cache (works offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = repo_id.partition("@")
+    found = try_to_load_from_cache(repo, "config.json", revision=revision or None)
+    return isinstance(found, str)
+
+
+@dataclass
+class EvalData:
+    """What to evaluate on: batches of uint8 images (in memory) or of normalised floats (streaming)."""
+
+    dataset: str  # resolved name
+    split: str  # a split name, or e.g. "train[held-out 0.1, seed 0]"
+    class_names: list[str]
+    num_samples: int
+    batches: Any  # callable (batch_size) -> iterator of (images, labels)
+    normalised: bool  # True when the batches are already normalised floats
+
+
+def _load_data(
+    dataset: str,
+    *,
+    split: str | None,
+    recipe: Any,
+    model: nn.Module,
+) -> EvalData:
+    from cifar_train import data as data_lib
+
+    cfg = recipe.data if recipe is not None else None
+    columns = dict(
+        image_column=(cfg.image_column or None) if cfg else None,
+        label_column=(cfg.label_column or None) if cfg else None,
+    )
+    options = dict(
+        columns, cache_dir=(cfg.cache_dir or None) if cfg else None, skip_corrupt=bool(cfg and cfg.skip_corrupt)
+    )
+    if split is None and cfg is not None and not cfg.val_split:  # the run held out a fraction of train
+        _, val, info = data_lib.load_dataset_splits(
+            dataset,
+            train_split=cfg.train_split,
+            val_split=None,
+            val_fraction=cfg.val_fraction,
+            seed=recipe.train.seed,
+            **options,
+        )
+        split_label = f"{cfg.train_split}[held-out {cfg.val_fraction}, seed {recipe.train.seed}]"
+    else:
+        split = split or (cfg.val_split if cfg else "test")
+        if data_lib.choose_data_path(dataset, train_split=split, image_column=columns["image_column"]) == "streaming":
+            return _streaming_data(dataset, split=split, model=model, columns=columns)
+        # the split is decoded alone (as the "train" of a one-split load), sharing the training run's cache
+        val, _, info = data_lib.load_dataset_splits(dataset, train_split=split, val_split=None, **options)
+        split_label = split
+
+    def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(val.labels), size):
+            yield val.images[start : start + size], val.labels[start : start + size]
+
+    _check_compatible(model, channels=info.channels, image_size=info.image_size, num_classes=info.num_classes)
+    return EvalData(info.name, split_label, list(info.class_names), len(val.labels), batches, normalised=False)
+
+
+def _streaming_data(dataset: str, *, split: str, model: nn.Module, columns: dict[str, Any]) -> EvalData:
+    from cifar_train import data as data_lib
+
+    cfg = model.pretrained_cfg
+    image_size = int(cfg["input_size"][-1])
+    info = data_lib.streaming_dataset_info(dataset, image_size=image_size, sample_size=1, **columns)
+    _check_compatible(model, channels=info.channels, image_size=(image_size, image_size), num_classes=info.num_classes)
+
+    def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = data_lib.build_streaming_loader(
+            dataset,
+            split=split,
+            training=False,
+            batch_size=size,
+            mean=cfg["mean"],
+            std=cfg["std"],
+            image_size=image_size,
+            eval_resize=round(image_size / cfg.get("crop_pct", 0.875)),
+            num_workers=min(8, os.cpu_count() or 1),
+            **columns,
+        )
+        yield from loader
+
+    splits, _ = data_lib.open_dataset(dataset)
+    return EvalData(info.name, split, list(info.class_names), len(splits[split]), batches, normalised=True)
+
+
+def _check_compatible(model: nn.Module, *, channels: int, image_size: tuple[int, int], num_classes: int) -> None:
+    model_chans, *model_size = model.pretrained_cfg["input_size"]
+    if channels != model_chans:
+        raise UserError(f"the dataset has {channels}-channel images but the model takes {model_chans} channels")
+    if tuple(image_size) != tuple(model_size):
+        raise UserError(
+            f"the dataset's images are {image_size[0]}x{image_size[1]} but the model was trained on "
+            f"{model_size[0]}x{model_size[1]}; evaluate it on the dataset it was trained for"
+        )
+    if num_classes != model.num_classes:
+        raise UserError(f"the dataset has {num_classes} classes but the model predicts {model.num_classes}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,  # (B, C, H, W) normalised float on the model's device
+    tta: str | None = None,
+) -> torch.Tensor:
+    """Log-probabilities `(B, K)`; with `tta="flip"` the log of the mean softmax of the image and its mirror."""
+    log_probs = F.log_softmax(model(images).float(), dim=1)
+    if tta is None:
+        return log_probs
+    if tta != "flip":
+        raise ValueError(f"tta={tta!r} is not supported; choose None or one of {', '.join(TTA_MODES)}")
+    mirrored = F.log_softmax(model(images.flip(dims=(3,))).float(), dim=1)
+    return torch.logsumexp(torch.stack([log_probs, mirrored]), dim=0) - math.log(2.0)
+
+
+def _evaluate(
+    source: str,
+    *,
+    dataset: str | None,
+    split: str | None,
+    batch_size: int,
+    tta: str | None,
+    device: str | torch.device | None,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, Path | None]:
+    from cifar_train.recipe import load_recipe
+
+    if tta is not None and tta not in TTA_MODES:
+        raise UserError(f"--tta {tta!r} is not supported; choose one of {', '.join(TTA_MODES)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    _, run_dir = _resolve_source(source)
+    recipe = None
+    if run_dir is not None and (run_dir / RECIPE_FILE).is_file():
+        recipe = load_recipe(run_dir / RECIPE_FILE)
+    if dataset is None:
+        if recipe is None:
+            raise UserError(f"source {source!r} has no {RECIPE_FILE} to name its dataset; pass --dataset")
+        dataset = recipe.data.dataset
+    elif recipe is not None and dataset != recipe.data.dataset:
+        recipe = None  # another dataset: the run's split and column settings do not apply
+    model = load_model(source)
+    data = _load_data(dataset, split=split, recipe=recipe, model=model)
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    started = time.perf_counter()
+    all_log_probs, all_labels = [], []
+    for images, labels in data.batches(batch_size):
+        images = images.to(device, non_blocking=True)
+        if not data.normalised:
+            images = (images.float().div_(255.0) - mean) / std
+        all_log_probs.append(predict(model, images, tta).cpu())
+        all_labels.append(labels.long().cpu())
+    seconds = time.perf_counter() - started
+    num_classes = len(data.class_names)
+    log_probs = torch.cat(all_log_probs) if all_log_probs else torch.empty(0, num_classes)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    if labels.numel() == 0:
+        raise UserError(f"split {data.split!r} of {data.dataset!r} holds no images to evaluate")
+    result = {
+        "source": source,
+        "architecture": cfg.get("architecture"),
+        "dataset": data.dataset,
+        "split": data.split,
+        "tta": tta,
+        **compute_metrics(log_probs, labels, data.class_names),
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "device": str(device),
+        "seconds": seconds,
+        "images_per_second": len(labels) / seconds if seconds > 0 else None,
+    }
+    return result, log_probs, labels, run_dir
+
+
+def evaluate(
+    source: str,
+    dataset: str | None = None,
+    split: str | None = None,
+    batch_size: int = 256,
+    tta: str | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Evaluate `source` (run directory, `local-dir:PATH`, `hf-hub:ID`) and return the metrics.
+
+    Keys: `top1`, `top5`, `loss`, `ece`, `num_samples`, `per_class_accuracy` (name -> %), `confusion_matrix`
+    (rows true class, columns prediction), `class_names`, `dataset`, `split`, `tta`, `mean`, `std`, ...
+    `dataset` and `split` default to the run's recipe (its validation split, or its held-out fraction).
+    """
+    result, _, _, _ = _evaluate(source, dataset=dataset, split=split, batch_size=batch_size, tta=tta, device=device)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _write_predictions(path: Path, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
+    """One JSON line per sample: index, label, prediction, confidence and the class probabilities."""
+    probs = log_probs.exp()
+    confidence, predicted = probs.max(dim=1)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as file:
+        for index in range(len(labels)):
+            row = {
+                "index": index,
+                "label": int(labels[index]),
+                "pred": int(predicted[index]),
+                "confidence": round(float(confidence[index]), 6),
+                "probs": [round(p, 6) for p in probs[index].tolist()],
+            }
+            file.write(json.dumps(row) + "\n")
+    os.replace(temporary, path)
+
+
+def save_confusion_png(path: Path, confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> bool:
+    """Plot the row-normalised confusion matrix; returns False (writes nothing) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    matrix = torch.tensor(confusion, dtype=torch.float64)
+    rates = matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1) * 100  # % of each true class
+    num_classes = len(class_names)
+    size = min(4 + 0.45 * num_classes, 30)  # inches
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, label="% of true class")
+    if num_classes <= 30:
+        ax.set_xticks(range(num_classes), class_names, rotation=90)
+        ax.set_yticks(range(num_classes), class_names)
+        if num_classes <= 15:
+            for i in range(num_classes):
+                for j in range(num_classes):
+                    colour = "white" if rates[i, j] > 50 else "black"
+                    ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(temporary, dpi=100)
+    plt.close(fig)
+    os.replace(temporary, path)
+    return True
+
+
+def _print_report(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = Table(title=f"{result['source']} on {result['dataset']} [{result['split']}]", show_header=False)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("samples", f"{result['num_samples']:,}")
+    summary.add_row("top-1 (%)", f"{result['top1']:.2f}")
+    summary.add_row("top-5 (%)", f"{result['top5']:.2f}")
+    summary.add_row("loss", f"{result['loss']:.4f}")
+    summary.add_row(f"ECE, {ECE_BINS} bins (%)", f"{result['ece']:.2f}")
+    summary.add_row("test-time augmentation", result["tta"] or "none")
+    summary.add_row("images/s", f"{result['images_per_second']:.0f}" if result["images_per_second"] else "-")
+    console.print(summary)
+
+    per_class = list(result["per_class_accuracy"].items())
+    counts = [sum(row) for row in result["confusion_matrix"]]
+    rows = list(zip(per_class, counts))
+    title = "per-class accuracy"
+    if len(rows) > 20:
+        rows = sorted(rows, key=lambda item: (item[0][1] is None, item[0][1]))[:10]
+        title = "per-class accuracy: the 10 weakest classes (all in --json / --out-dir)"
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("samples", justify="right")
+    table.add_column("top-1 (%)", justify="right")
+    for (name, accuracy), count in rows:
+        table.add_row(name, f"{count:,}", "-" if accuracy is None else f"{accuracy:.2f}")
+    console.print(table)
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Evaluate a run directory, local-dir:PATH or hf-hub:ID on a dataset split.",
+    )
+    parser.add_argument("source", help="run directory, local-dir:PATH or hf-hub:ID")
+    parser.add_argument("--dataset", help="Hub id, alias or local path (default: the run's recipe)")
+    parser.add_argument("--split", help="split to evaluate (default: the run's validation split, else 'test')")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: flip averages image and mirror")
+    parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl", help="write per-sample predictions")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
+    parser.add_argument(
+        "--out-dir", type=Path, help="where to write the metrics JSON and confusion PNG (default: RUN/eval)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    try:
+        result, log_probs, labels, run_dir = _evaluate(
+            args.source,
+            dataset=args.dataset,
+            split=args.split,
+            batch_size=args.batch_size,
+            tta=args.tta,
+            device=args.device,
+        )
+        out_dir = args.out_dir or (run_dir / "eval" if run_dir is not None else None)
+        written = []
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stem = _safe_name(f"{result['split']}{'_tta-' + args.tta if args.tta else ''}")
+            _write_atomic_text(out_dir / f"metrics_{stem}.json", json.dumps(result, indent=2) + "\n")
+            written.append(out_dir / f"metrics_{stem}.json")
+            png = out_dir / f"confusion_{stem}.png"
+            title = f"{result['architecture']} on {result['dataset']} [{result['split']}]"
+            if save_confusion_png(png, result["confusion_matrix"], result["class_names"], title):
+                written.append(png)
+        if args.predictions is not None:
+            args.predictions.parent.mkdir(parents=True, exist_ok=True)
+            _write_predictions(args.predictions, log_probs, labels)
+            written.append(args.predictions)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_report(result)
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

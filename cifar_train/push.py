@@ -1,0 +1,124 @@
+"""Upload a finished run to the Hugging Face Hub: `python -m cifar_train.push RUN_DIR user/name`.
+
+What goes up is exactly the folder `timm.create_model('local-dir:RUN_DIR', pretrained=True)` loads:
+`model.safetensors`, `config.json` and the model card `README.md`, byte for byte. We upload them with
+`huggingface_hub.HfApi.upload_folder` rather than timm's `push_to_hf_hub`, because the latter re-serialises
+the model from a live module (so we would have to rebuild it first) and writes timm's generic model card
+only when the repository has none, which would drop ours; uploading the files themselves means the
+weights on the Hub are the ones `evaluate.py` measured. After `import cifar_models`,
+`timm.create_model('hf-hub:user/name', pretrained=True)` then loads them.
+
+The token comes from `token=`, `$HF_TOKEN` or `huggingface-cli login`; it is never printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import sys
+import traceback
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cifar_train.errors import UserError
+from cifar_train.export import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE
+
+__all__ = ["UPLOAD_FILES", "check_hub_reachable", "check_run_dir", "main", "push_run"]
+
+UPLOAD_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODEL_CARD_FILE)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def check_hub_reachable(what: str, timeout: float = 3.0) -> None:  # timeout in seconds
+    """Raise a one-line `UserError` at once when offline mode is on or the Hub cannot be reached.
+
+    `huggingface_hub` retries for a long time on a machine without network; this probe fails in seconds.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        raise UserError(f"{what}: the Hugging Face Hub is not available because HF_HUB_OFFLINE is set; unset it")
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return
+    except OSError:
+        raise UserError(
+            f"{what}: the Hugging Face Hub ({url.hostname}) is unreachable from this machine; check the network"
+        ) from None
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """The run directory, checked to hold every file that is uploaded, and to load with timm."""
+    import timm
+
+    import cifar_models  # noqa: F401  (registers the architectures the config names)
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist")
+    missing = [name for name in UPLOAD_FILES if not (run_dir / name).is_file()]
+    if missing:
+        raise UserError(
+            f"{str(run_dir)!r} lacks {', '.join(missing)}; a run writes them when it finishes "
+            "(cifar_train.export.export_model and write_model_card)"
+        )
+    try:
+        timm.create_model(f"local-dir:{run_dir}", pretrained=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        raise UserError(f"{str(run_dir)!r} does not load with timm (local-dir:): {err}") from err
+    return run_dir
+
+
+def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload the run's weights, config and model card to `repo_id`; returns the repository URL."""
+    if not _REPO_ID.match(repo_id):
+        raise UserError(f"repository id {repo_id!r} must look like 'user/name' (letters, digits, '-', '_', '.')")
+    run_dir = check_run_dir(Path(run_dir))
+    check_hub_reachable(f"push to {repo_id!r}")
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    api = HfApi(token=token, library_name="cifar-recipes")
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=url.repo_id,
+            folder_path=run_dir,
+            allow_patterns=list(UPLOAD_FILES),
+            commit_message=f"Upload {run_dir.name} (cifar-recipes)",
+        )
+    except OfflineModeIsEnabled:
+        raise UserError(f"push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to upload") from None
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        hint = " (log in with `huggingface-cli login` or set HF_TOKEN)" if status in (401, 403) else ""
+        raise UserError(f"push to {repo_id!r} failed: HTTP {status}{hint}") from None
+    return str(url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifar_train.push", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run directory")
+    parser.add_argument("repo_id", help="Hub repository, user/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    try:
+        url = push_run(args.run_dir, args.repo_id, private=args.private)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"pushed {args.run_dir} to {url}; load it with: import cifar_models, timm; "
+        f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
