@@ -7,20 +7,28 @@ thread, else that many DataLoader workers; ours: torch intra-op threads). Prints
 
     python benchmarks/throughput.py --model resnet20 --batch-size 128 --threads 1 --json
 
-The training-loop issue adds `model_images_per_second` and `loop_images_per_second` to the same line.
+It also measures the model alone and the whole training loop for `--model` at `--batch-size`:
+`model_images_per_second` is a bare forward/backward/SGD step on in-memory tensors, and
+`loop_images_per_second` is `cifar_train.train` itself (data indexing, augmentation, step, metrics,
+scheduler) on a generated 32x32 dataset, best epoch after the first. `--skip-loop` leaves both out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import timm
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -142,12 +150,78 @@ def measure(*, batch_size: int, threads: int, seconds: float, num_images: int = 
     }
 
 
+def model_images_per_second(model_name: str, *, batch_size: int, threads: int, seconds: float) -> float:
+    """A bare training step (forward, soft-target loss, backward, SGD) on tensors already in memory."""
+    import cifar_models  # noqa: F401
+    from cifar_train.loop import soft_cross_entropy
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=10).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    images = torch.randn(batch_size, 3, 32, 32)
+    targets = torch.nn.functional.one_hot(torch.randint(0, 10, (batch_size,)), 10).float()
+
+    def step() -> int:
+        loss = soft_cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return batch_size
+
+    return _rate(step, seconds, rounds=3)
+
+
+def _write_dataset(root: Path, num_train: int, num_test: int) -> Path:
+    """Random 32x32 RGB PNGs in the Hub's parquet layout (what `load_dataset` reads for uoft-cs/cifar10)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    rng = np.random.default_rng(0)
+    (root / "plain_text").mkdir(parents=True)
+    for split, count in (("train", num_train), ("test", num_test)):
+        pngs = []
+        for pixels in rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8):
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+            pngs.append({"bytes": buffer.getvalue(), "path": None})
+        labels = rng.integers(0, 10, count).tolist()
+        table = datasets.Dataset.from_dict({"img": pngs, "label": labels}, features=features)
+        table.to_parquet(str(root / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def loop_images_per_second(
+    model_name: str, *, batch_size: int, threads: int, epochs: int = 3, num_images: int = 4096
+) -> float:
+    """`cifar_train.train` on generated data: the best training epoch after the first (warm-up)."""
+    from cifar_train.loop import train
+    from cifar_train.recipe import Recipe
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = _write_dataset(Path(tmp) / "data", num_images, 256)
+        recipe = Recipe().replace(
+            model={"name": model_name},
+            data={"dataset": str(dataset), "cache_dir": str(Path(tmp) / "cache")},
+            schedule={"name": "cosine"},
+            train={"epochs": epochs, "batch_size": batch_size, "eval_every": 1000, "checkpoint_every": 1000},
+            log={"progress": False},
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # keep --json output to its one line
+            train(recipe, Path(tmp) / "run")
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    return max(row["images_per_second"] for row in rows[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20", help="model name (used by the training-loop measurements)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for each pipeline")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per pipeline (best of 5 rounds), s")
+    parser.add_argument("--skip-loop", action="store_true", help="measure the input pipelines only")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
 
@@ -159,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
     }
     result.update(measure(batch_size=args.batch_size, threads=args.threads, seconds=args.seconds))
+    if not args.skip_loop:
+        model_rate = model_images_per_second(
+            args.model, batch_size=args.batch_size, threads=args.threads, seconds=3 * args.seconds
+        )
+        loop_rate = loop_images_per_second(args.model, batch_size=args.batch_size, threads=args.threads)
+        result["model_images_per_second"] = round(model_rate, 1)
+        result["loop_images_per_second"] = round(loop_rate, 1)
+        result["loop_over_model"] = round(loop_rate / model_rate, 3)
     if args.json:
         print(json.dumps(result))
     else:

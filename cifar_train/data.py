@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cifar_train.digits import DIGITS_ALIAS, materialize_digits
 from cifar_train.errors import UserError, did_you_mean
 
 __all__ = [
@@ -105,15 +106,18 @@ def resolve_dataset(dataset: str) -> tuple[str, bool]:
     """
     if dataset in DATASET_ALIASES:
         return DATASET_ALIASES[dataset], False
+    if dataset == DIGITS_ALIAS:  # bundled with scikit-learn: written once as a local parquet dataset
+        return str(materialize_digits(default_cache_dir())), True
     path = Path(dataset).expanduser()
     if path.exists():
         return str(path.resolve()), True
     if dataset.startswith((".", "/", "~")) or dataset.count("/") > 1 or (os.sep != "/" and os.sep in dataset):
         raise UserError(f"data.dataset: local path {dataset!r} does not exist")
     if "/" not in dataset:
+        aliases = [*DATASET_ALIASES, DIGITS_ALIAS]
         raise UserError(
-            f"data.dataset: unknown dataset alias {dataset!r}{did_you_mean(dataset, DATASET_ALIASES)}; "
-            f"known aliases: {', '.join(DATASET_ALIASES)} (or give a Hub id 'owner/name' or a local path)"
+            f"data.dataset: unknown dataset alias {dataset!r}{did_you_mean(dataset, aliases)}; "
+            f"known aliases: {', '.join(aliases)} (or give a Hub id 'owner/name' or a local path)"
         )
     return dataset, False
 
