@@ -315,8 +315,17 @@ class BatchAugment:
         if self.crop_padding > 0 or self.hflip:
             images = _crop_and_flip(images, self.crop_padding, self.crop_padding_mode, self.hflip)
         scale, shift = self._scale_shift(images.device)
-        images = images.float().mul_(scale).sub_(shift)
+        return self.normalized(images.float().mul_(scale).sub_(shift), labels)
 
+    def normalized(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steps after normalisation (Cutout, Random Erasing, the mixes, soft targets) on float images.
+
+        The streaming path uses this directly: its per-sample transforms already cropped, flipped and
+        normalised the batch.
+        """
+        if not images.is_floating_point() or images.dim() != 4:
+            raise ValueError(f"images must be float (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        labels = labels.to(images.device)
         if self.dual_cutout:
             views = [_cutout(images, self.cutout, self.cutout_prob, self.cutout_inside) for _ in range(2)]
             if self.random_erasing:

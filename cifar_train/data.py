@@ -545,6 +545,7 @@ class ShardedBatchSampler:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.epoch = 0
+        self.start_batch = 0  # batches of this epoch to skip (resuming mid-epoch); reset it to 0 afterwards
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the permutation for `epoch` (call before iterating, as with `DistributedSampler`)."""
@@ -559,12 +560,12 @@ class ShardedBatchSampler:
         order = self._order()
         if self.drop_last:
             global_batch = self.batch_size * self.num_replicas
-            for step in range(len(self)):
+            for step in range(self.start_batch, len(self)):
                 start = step * global_batch + self.rank * self.batch_size
                 yield order[start : start + self.batch_size]
         else:
             shard = order[self.rank :: self.num_replicas]
-            for step in range(len(self)):
+            for step in range(self.start_batch, len(self)):
                 yield shard[step * self.batch_size : (step + 1) * self.batch_size]
 
     def __len__(self) -> int:

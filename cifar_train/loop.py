@@ -27,7 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import BatchAugment, normalize
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .data import DatasetInfo, DecodedSplit, ShardedBatchSampler, load_dataset_splits
+from .data import (
+    DATASET_ALIASES,
+    DatasetInfo,
+    DecodedSplit,
+    ShardedBatchSampler,
+    build_streaming_loader,
+    choose_data_path,
+    load_dataset_splits,
+    streaming_dataset_info,
+)
 from .errors import UserError, did_you_mean
 from .optim import create_optimizer
 from .progress import EpochProgress, print_summary
@@ -210,7 +219,7 @@ def evaluate_model(
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, count
     k = min(5, info.num_classes)
     for images, labels in loader:
-        x = normalize(images, info.mean, info.std)
+        x = normalize(images, info.mean, info.std) if images.dtype == torch.uint8 else images
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x).float()
@@ -229,6 +238,80 @@ def evaluate_model(
         )
     loss, top1, top5, count = totals.tolist()
     return {"val_loss": loss / count, "val_acc1": 100.0 * top1 / count, "val_acc5": 100.0 * top5 / count}
+
+
+class MemoryBatches:
+    """Training batches from decoded uint8 images on the training device, augmented as whole batches."""
+
+    def __init__(
+        self, split: DecodedSplit, sampler: ShardedBatchSampler, augment: BatchAugment, device: torch.device
+    ) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.sampler = sampler
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from `start_batch` on; every rank draws the same seeded permutation."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.start_batch = start_batch
+        try:
+            for indices in self.sampler:
+                indices = indices.to(self.images.device)
+                yield self.augment(self.images.index_select(0, indices), self.labels.index_select(0, indices))
+        finally:
+            self.sampler.start_batch = 0
+
+
+class StreamingBatches:
+    """Training batches from a streaming `DataLoader` (per-sample crop/flip/normalise in workers)."""
+
+    def __init__(self, loader: DataLoader, augment: BatchAugment, device: torch.device) -> None:
+        self.loader = loader
+        self.augment = augment
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.loader.batch_sampler)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = self.loader.batch_sampler
+        sampler.set_epoch(epoch)
+        sampler.start_batch = start_batch
+        try:
+            for images, labels in self.loader:
+                images = images.to(self.device, non_blocking=True)
+                yield self.augment.normalized(images, labels.to(self.device, non_blocking=True))
+        finally:
+            sampler.start_batch = 0
+
+
+_SMALL_DATASETS = {"cifar10", "cifar100", "mnist", "fashion_mnist", "kmnist", "digits"}
+
+
+def _choose_pipeline(recipe: Recipe) -> str:
+    """`data.pipeline`, with "auto" resolved: known small datasets decode into memory, ImageNet streams."""
+    d = recipe.data
+    if d.pipeline != "auto":
+        chosen = d.pipeline
+    elif d.dataset in _SMALL_DATASETS or d.dataset in {DATASET_ALIASES[a] for a in _SMALL_DATASETS - {"digits"}}:
+        chosen = "memory"
+    elif d.dataset in ("imagenet", DATASET_ALIASES["imagenet"]):
+        chosen = "streaming"
+    else:
+        chosen = choose_data_path(d.dataset, train_split=d.train_split, image_column=d.image_column or None)
+    if chosen == "streaming":
+        if not d.val_split:
+            raise UserError(
+                f"data.dataset {d.dataset!r} streams (too large to decode into memory), which needs a "
+                'named data.val_split (e.g. "validation") rather than data.val_fraction'
+            )
+        if d.train_limit:
+            raise UserError('data.train_limit works with the in-memory pipeline only (data.pipeline = "memory")')
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,37 +428,89 @@ def train(
             f"process(es) and then into train.subdivision = {t.subdivision} chunks"
         )
 
-    # Data: decoded once (the main process fills the cache first), then kept on the training device.
+    # Data: small datasets are decoded once (the main process fills the cache first) and kept on the
+    # training device; ImageNet-sized ones stream through DataLoader workers.
     set_seed(t.seed)
+    pipeline = _choose_pipeline(recipe)
     with accelerator.main_process_first():
-        train_split, val_split, info = load_dataset_splits(
-            d.dataset,
-            train_split=d.train_split,
-            val_split=d.val_split or None,
-            val_fraction=d.val_fraction,
+        if pipeline == "memory":
+            train_split, val_split, info = load_dataset_splits(
+                d.dataset,
+                train_split=d.train_split,
+                val_split=d.val_split or None,
+                val_fraction=d.val_fraction,
+                image_column=d.image_column or None,
+                label_column=d.label_column or None,
+                seed=t.seed,
+                cache_dir=d.cache_dir or None,
+                skip_corrupt=d.skip_corrupt,
+            )
+        else:
+            info = streaming_dataset_info(
+                d.dataset,
+                train_split=d.train_split,
+                image_column=d.image_column or None,
+                label_column=d.label_column or None,
+                image_size=d.image_size,
+                eval_resize=d.eval_resize,
+                seed=t.seed,
+            )
+    augment = build_augment(recipe, info)
+    if pipeline == "memory":
+        if d.train_limit:
+            train_split = DecodedSplit(train_split.images[: d.train_limit], train_split.labels[: d.train_limit])
+        sampler = ShardedBatchSampler(
+            len(train_split.labels),
+            per_process_batch,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+            seed=t.seed,
+            shuffle=True,
+            drop_last=True,
+        )
+        batches = MemoryBatches(train_split, sampler, augment, accelerator.device)
+        val_loader = DataLoader(
+            _IndexedImages(val_split),
+            batch_size=max(1, t.val_batch_size // accelerator.num_processes),
+            shuffle=False,
+            collate_fn=_keep_batch,
+        )
+    else:
+        stream = dict(
+            mean=info.mean,
+            std=info.std,
+            image_size=d.image_size,
+            eval_resize=d.eval_resize,
             image_column=d.image_column or None,
             label_column=d.label_column or None,
+            num_workers=d.num_workers,
             seed=t.seed,
-            cache_dir=d.cache_dir or None,
-            skip_corrupt=d.skip_corrupt,
         )
-    if d.train_limit:
-        train_split = DecodedSplit(train_split.images[: d.train_limit], train_split.labels[: d.train_limit])
-    sampler = ShardedBatchSampler(
-        len(train_split.labels),
-        per_process_batch,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-        seed=t.seed,
-        shuffle=True,
-        drop_last=True,
-    )
-    batches_per_epoch = len(sampler) // t.grad_accum_steps * t.grad_accum_steps
+        train_loader = build_streaming_loader(
+            d.dataset,
+            split=d.train_split,
+            training=True,
+            batch_size=per_process_batch,
+            scale=(d.min_scale, 1.0),
+            hflip=recipe.augment.hflip,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+            **stream,
+        )
+        batches = StreamingBatches(train_loader, augment, accelerator.device)
+        # Validation is sharded by `accelerator.prepare`, so `gather_for_metrics` drops its padding.
+        val_loader = build_streaming_loader(
+            d.dataset,
+            split=d.val_split,
+            training=False,
+            batch_size=max(1, t.val_batch_size // accelerator.num_processes),
+            **stream,
+        )
+    batches_per_epoch = len(batches) // t.grad_accum_steps * t.grad_accum_steps
     steps_per_epoch = batches_per_epoch // t.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(
-            f"train.batch_size = {t.batch_size} x grad_accum_steps {t.grad_accum_steps} is larger than the "
-            f"{len(train_split.labels)} training images"
+            f"train.batch_size = {t.batch_size} x grad_accum_steps {t.grad_accum_steps} is larger than the training set"
         )
 
     # Model, optimizer, schedule, augmentation.
@@ -384,7 +519,6 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
-    augment = build_augment(recipe, info)
     set_seed(t.seed + accelerator.process_index)  # augmentation and dropout streams differ per process
 
     # Only now, with every input checked, is the run directory touched.
@@ -403,16 +537,8 @@ def train(
             )
     accelerator.wait_for_everyone()
 
-    val_loader = DataLoader(
-        _IndexedImages(val_split),
-        batch_size=max(1, t.val_batch_size // accelerator.num_processes),
-        shuffle=False,
-        collate_fn=_keep_batch,
-    )
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     forward_model = torch.compile(model) if recipe.model.compile else model
-    images_all = train_split.images.to(accelerator.device)
-    labels_all = train_split.labels.to(accelerator.device)
 
     state = TrainState()
     metrics_path = run_dir / "metrics.jsonl"
@@ -442,16 +568,13 @@ def train(
             for epoch in range(state.epoch, t.epochs):
                 # ---- train one epoch
                 model.train()
-                sampler.set_epoch(epoch)
                 epoch_start = time.perf_counter()
                 images_this_run = 0  # images trained in this process's part of the epoch, all ranks
                 progress.start_epoch(epoch + 1, t.epochs, batches_per_epoch - state.batch_in_epoch)
-                for batch_index, indices in enumerate(sampler):
+                first = state.batch_in_epoch  # > 0 when resuming mid-epoch: those batches were trained
+                for batch_index, (images, targets) in enumerate(batches.epoch(epoch, first), start=first):
                     if batch_index >= batches_per_epoch:
                         break
-                    if batch_index < state.batch_in_epoch:  # resumed mid-epoch: these were trained already
-                        continue
-                    images, targets = augment(images_all.index_select(0, indices), labels_all.index_select(0, indices))
                     if channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
                     with accelerator.accumulate(model):

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 MIXES = ("none", "mixup", "cutmix", "ricap")
+PIPELINES = ("auto", "memory", "streaming")
 PADDING_MODES = ("constant", "reflect", "edge")
 SCHEDULES = ("constant", "multistep", "linear", "cosine", "sgdr")
 WARMUPS = ("none", "linear", "exponential")
@@ -77,7 +78,11 @@ class DataConfig:
     train_limit: int = _opt(0, ge=0)  # use only the first N training images (0 = all); for quick studies
     image_column: str = ""  # "" -> detected from the features (the `Image` column)
     label_column: str = ""  # "" -> detected from the features (the `ClassLabel` column)
+    pipeline: str = _opt("auto", choices=PIPELINES)  # memory: decode once; streaming: DataLoader (ImageNet)
     num_workers: int = _opt(4, ge=0)  # DataLoader workers, streaming (ImageNet-sized) datasets only
+    image_size: int = _opt(224, ge=8)  # streaming: RandomResizedCrop / centre-crop size, pixels
+    eval_resize: int = _opt(256, ge=8)  # streaming: shorter side before the evaluation centre crop, pixels
+    min_scale: float = _opt(0.08, gt=0.0, le=1.0)  # streaming: RandomResizedCrop's smallest area share
     cache_dir: str = ""  # decoded-tensor cache; "" -> $CIFAR_RECIPES_CACHE or ~/.cache/cifar_recipes
     skip_corrupt: bool = False  # skip (and count) undecodable images instead of failing
 
@@ -298,6 +303,10 @@ def _check_contradictions(r: Recipe) -> None:
             f"data.val_split = {d.val_split!r} and data.val_fraction = {d.val_fraction} contradict; "
             'set data.val_split = "" to hold out a fraction of train, or val_fraction = 0'
         )
+    if d.pipeline == "streaming" and not d.val_split:
+        raise UserError('data.pipeline = "streaming" needs a named data.val_split (e.g. "validation")')
+    if d.eval_resize < d.image_size:
+        raise UserError(f"data.eval_resize = {d.eval_resize} must be >= data.image_size = {d.image_size}")
     if not d.val_split and d.val_fraction == 0:
         raise UserError('data.val_split = "" needs data.val_fraction > 0 (the share of train to hold out)')
 
