@@ -3,12 +3,16 @@
 A checkpoint is what `accelerator.save_state` writes (model as safetensors, optimizer, RNG states,
 all loaded back with `weights_only=True`) plus `train_state.json`: the loop's position (epoch, batch
 within the epoch, optimizer step) and the lr scheduler's state, as JSON rather than pickle. It is
-written into a temporary folder, marked complete, and renamed into place, so a checkpoint folder that
-exists under its final name is whole; a damaged one is detected on load and the previous one is used.
+written into a temporary folder, sealed with a `COMPLETE` manifest (size and SHA-256 of every file), and
+renamed into place, so a checkpoint folder that exists under its final name was whole when written. On
+load every file is checked against the manifest (a truncated or altered file is caught here, including
+the RNG states, which Accelerate would otherwise skip silently); a damaged checkpoint is reported and
+the previous one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,11 +24,13 @@ from accelerate import Accelerator
 
 from .errors import UserError
 
-__all__ = ["TrainState", "find_checkpoints", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainState", "checkpoint_problem", "find_checkpoints", "load_checkpoint", "save_checkpoint", "seal"]
 
 STATE_FILE = "train_state.json"
-COMPLETE_MARKER = "COMPLETE"
+COMPLETE_MARKER = "COMPLETE"  # JSON manifest {"files": {name: {"bytes": n, "sha256": hex}}}
 PREFIX = "step_"
+TMP_PREFIX = ".tmp_"
+_HASH_CHUNK = 1 << 20  # bytes read at a time when hashing
 
 
 @dataclass
@@ -58,17 +64,17 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
     """Save everything to `checkpoints/step_<global_step>` atomically; keep the newest `keep`."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"{PREFIX}{state.global_step:09d}_e{state.epoch:04d}_b{state.batch_in_epoch:06d}"
-    tmp = folder / f".tmp_{final.name}"
+    tmp = folder / f"{TMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in folder.glob(f"{TMP_PREFIX}*"):  # left by a process killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        seal(tmp)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -78,6 +84,43 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def seal(folder: Path) -> None:
+    """Write the `COMPLETE` manifest of every file now in `folder` (the last write of a checkpoint)."""
+    text = json.dumps({"files": _manifest(Path(folder))}, indent=1) + "\n"
+    (Path(folder) / COMPLETE_MARKER).write_text(text)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint folder's files (missing, truncated, altered), or None when whole."""
+    try:
+        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {COMPLETE_MARKER} manifest is unreadable"
+    for name, expected in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, {expected['bytes']} were written"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 recorded at save time"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -101,11 +144,32 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, log=print) -> Train
             "start the run again with --overwrite"
         )
     for checkpoint in reversed(checkpoints):
-        try:
-            state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
-            accelerator.load_state(str(checkpoint))
-        except Exception as err:
-            log(f"checkpoint {checkpoint.name} is damaged ({type(err).__name__}: {err}); trying the previous one")
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            try:
+                state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+                _check_rng_file(checkpoint, accelerator.process_index)
+                accelerator.load_state(str(checkpoint))
+            except Exception as err:  # anything unreadable, including a pickle that weights_only refuses
+                problem = f"{type(err).__name__}: {_first_line(err)}"
+        if problem is not None:
+            log(f"checkpoint {checkpoint.name} is damaged ({problem}); trying the previous one")
             continue
+        if checkpoint != checkpoints[-1]:
+            log(f"using checkpoint {checkpoint.name}")
         return state
-    raise UserError(f"--resume {str(run_dir)!r}: every checkpoint is damaged; start the run again with --overwrite")
+    raise UserError(
+        f"--resume {str(run_dir)!r}: every checkpoint is damaged (see above); start the run again with --overwrite"
+    )
+
+
+def _check_rng_file(checkpoint: Path, process_index: int) -> None:
+    """Read this process's RNG states the way Accelerate will; it swallows a failure there, we do not."""
+    from accelerate.utils import load
+
+    load(checkpoint / f"random_states_{process_index}.pkl")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

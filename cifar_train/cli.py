@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
-from .recipe import load_recipe
+from .recipe import Recipe, load_recipe
 
 __all__ = ["main"]
 
@@ -49,30 +49,53 @@ def _is_main_process() -> bool:
 
 def _fail(message: str, status: int) -> int:
     if _is_main_process():
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)  # always one line
     return status
+
+
+def _read_recipe(path: str, overrides: Sequence[str]) -> Recipe:
+    if Path(path).is_dir():
+        raise UserError(f"recipe {path!r} is a folder; give a TOML file, e.g. recipes/quickstart.toml")
+    try:
+        return load_recipe(path, overrides)
+    except UnicodeDecodeError as err:
+        raise UserError(f"recipe {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"recipe {path!r} cannot be read: {err.strerror or err}") from None
+
+
+def _recipe_and_run_dir(args: argparse.Namespace) -> tuple[Recipe | None, Path]:
+    """Check the command line and the recipe; only the light recipe module is needed for this."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.output_dir and Path(args.output_dir) != run_dir:
+            raise UserError(f"--output-dir {args.output_dir!r} and --resume {args.resume!r} name different runs")
+        if args.overwrite:
+            raise UserError("--resume and --overwrite contradict: resume continues a run, overwrite starts it afresh")
+        if args.overrides and not args.recipe:
+            raise UserError("--set with --resume needs the recipe too; the resumed run must match it")
+        return (_read_recipe(args.recipe, args.overrides) if args.recipe else None), run_dir
+    if not args.recipe:
+        raise UserError(
+            "a recipe is required, e.g. train_accelerate.py recipes/quickstart.toml "
+            "(or --resume RUN_DIR to continue a run)"
+        )
+    recipe = _read_recipe(args.recipe, args.overrides)
+    return recipe, Path(args.output_dir) if args.output_dir else Path("runs") / Path(args.recipe).stem
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:  # bad input answers before the heavy imports (torch, timm, accelerate) below
+        recipe, run_dir = _recipe_and_run_dir(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        return _fail(str(err), 2)
+
     from .loop import Interrupted, NonFiniteLoss, train
 
     try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            if args.output_dir and Path(args.output_dir) != run_dir:
-                raise UserError(f"--output-dir {args.output_dir!r} and --resume {args.resume!r} name different runs")
-            if args.overrides and not args.recipe:
-                raise UserError("--set with --resume needs the recipe too; the resumed run must match it")
-            recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
-        else:
-            if not args.recipe:
-                raise UserError(
-                    "a recipe is required, e.g. train_accelerate.py recipes/quickstart.toml "
-                    "(or --resume RUN_DIR to continue a run)"
-                )
-            recipe = load_recipe(args.recipe, args.overrides)
-            run_dir = Path(args.output_dir) if args.output_dir else Path("runs") / Path(args.recipe).stem
         train(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     except UserError as err:
         if args.debug:
@@ -91,4 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 128 + stop.signum
+    except KeyboardInterrupt:  # SIGINT outside the training loop (loading data, exporting)
+        if args.debug:
+            raise
+        return _fail(
+            f"interrupted by SIGINT outside the training loop; {run_dir} keeps its newest complete checkpoint, "
+            "if any (continue with --resume)",
+            128 + signal.SIGINT,
+        )
     return 0
