@@ -162,7 +162,9 @@ def open_dataset(dataset: str) -> tuple[Any, str]:
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 loaded = datasets.load_from_disk(name)
             else:
-                loaded = datasets.load_dataset(name)
+                # `datasets` keys its Arrow cache for a local folder by the folder's name, not its contents,
+                # so a changed folder (or another of the same name) would be served stale rows: rebuild.
+                loaded = datasets.load_dataset(name, download_mode="force_redownload")
         except (FileNotFoundError, ValueError) as err:
             raise UserError(f"data.dataset: cannot read a dataset from {name!r}: {_first_line(err)}") from err
     else:
@@ -276,7 +278,7 @@ def _decode_split(
                 continue
             raise UserError(
                 f"data.dataset: corrupt image in split {split_name!r} at index {index} ({_first_line(err)}); "
-                "fix or remove it, or set skip_corrupt=True"
+                "fix or remove it, or set data.skip_corrupt = true to skip such images"
             ) from err
         if images is None:
             mode = "L" if image.mode in _GRAYSCALE_MODES else "RGB"
@@ -341,10 +343,21 @@ def _load_cached(path: Path) -> dict[str, Any] | None:
 
 
 def _decoded(
-    split: Any, *, split_name: str, image_column: str, label_column: str, skip_corrupt: bool, cache_dir: Path
+    split: Any,
+    *,
+    split_name: str,
+    image_column: str,
+    label_column: str,
+    skip_corrupt: bool,
+    cache_dir: Path,
+    signature: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], Path]:
-    """A decoded split and its cache file, read from the cache when its fingerprint was decoded before."""
-    key_fields = [_CACHE_FORMAT, split._fingerprint, image_column, label_column, skip_corrupt]
+    """A decoded split and its cache file, read from the cache when its fingerprint was decoded before.
+
+    For a local folder the folder's file signature is part of the key: `datasets` derives a local
+    folder's fingerprint from its name, so a changed folder would otherwise hit the old entry.
+    """
+    key_fields = [_CACHE_FORMAT, split._fingerprint, signature, image_column, label_column, skip_corrupt]
     path = cache_dir / "decoded" / f"{_digest(key_fields)}.pt"
     decoded = _load_cached(path)
     if decoded is None:
@@ -408,7 +421,7 @@ def _decode_all(
     image_column, label_column = _detect_columns(train_ds.features, image_column, label_column)
     if val_ds is not None:
         _detect_columns(val_ds.features, image_column, label_column)  # the same columns must exist there
-    options = dict(image_column=image_column, label_column=label_column, skip_corrupt=skip_corrupt)
+    options = dict(image_column=image_column, label_column=label_column, skip_corrupt=skip_corrupt, signature=signature)
     train, train_path = _decoded(train_ds, split_name=train_split, cache_dir=cache_dir, **options)
     val, val_path = (None, None)
     if val_ds is not None:
@@ -595,10 +608,15 @@ def choose_data_path(
     probe = train_ds.select(range(min(8, len(train_ds))))
     shapes = set()
     for record in _image_bytes(probe, image_column):
-        image = _open_image(record)
+        try:
+            image = _open_image(record)
+        except (OSError, ValueError, PIL.UnidentifiedImageError):
+            continue  # a corrupt image is reported (or skipped) by the decoding that follows
         shapes.add((1 if image.mode in _GRAYSCALE_MODES else 3, image.size[1], image.size[0]))
     if len(shapes) > 1:
         return "streaming"
+    if not shapes:
+        return "memory"
     channels, height, width = shapes.pop()
     return "memory" if len(train_ds) * channels * height * width <= max_memory_bytes else "streaming"
 

@@ -523,153 +523,162 @@ def train(
 
     # Only now, with every input checked, is the run directory touched.
     lock = RunLock(run_dir)
-    if accelerator.is_main_process:
-        lock.acquire(expect_empty=not (resume or overwrite))
-        if overwrite:
-            lock.clear_run_dir()
-        if not resume:
-            write_text_atomic(run_dir / "recipe.toml", recipe_to_toml(recipe))
-            dump_json(
-                run_dir / "env.json",
-                collect_env(
-                    device=str(accelerator.device), num_processes=accelerator.num_processes, mixed_precision=t.precision
-                ),
-            )
-    accelerator.wait_for_everyone()
-
-    model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
-    forward_model = torch.compile(model) if recipe.model.compile else model
-
-    state = TrainState()
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        state = load_checkpoint(accelerator, run_dir, log=say)
-        scheduler.load_state_dict(state.scheduler)
-        if accelerator.is_main_process:  # forget epochs logged after the checkpoint
-            write_text_atomic(
-                metrics_path, "".join(json.dumps(r) + "\n" for r in _read_metrics(metrics_path, state.epoch))
-            )
-        say(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.global_step}")
-    history = _read_metrics(metrics_path, state.epoch) if accelerator.is_main_process else []
-    accelerator.init_trackers(run_dir.name, config=flatten_recipe(recipe))
-
-    dual_alpha = recipe.augment.dual_cutout_alpha
-    smoothing = recipe.augment.label_smoothing
-    channels_last = recipe.model.channels_last
-    progress = EpochProgress(enabled=accelerator.is_main_process and recipe.log.progress)
-    interrupted: Interrupted | None = None
-
-    def save(state_: TrainState) -> Path | None:
-        state_.scheduler = scheduler.state_dict()
-        return save_checkpoint(accelerator, run_dir, state_, keep=t.keep_checkpoints)
-
-    with _stop_requests() as stop_signals:
-        try:
-            for epoch in range(state.epoch, t.epochs):
-                # ---- train one epoch
-                model.train()
-                epoch_start = time.perf_counter()
-                images_this_run = 0  # images trained in this process's part of the epoch, all ranks
-                progress.start_epoch(epoch + 1, t.epochs, batches_per_epoch - state.batch_in_epoch)
-                first = state.batch_in_epoch  # > 0 when resuming mid-epoch: those batches were trained
-                for batch_index, (images, targets) in enumerate(batches.epoch(epoch, first), start=first):
-                    if batch_index >= batches_per_epoch:
-                        break
-                    if channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    with accelerator.accumulate(model):
-                        loss, logits, first_targets = _forward_backward(
-                            accelerator, forward_model, model, images, targets, t.subdivision, dual_alpha
-                        )
-                        loss_value = loss.item()
-                        nonfinite, stop_now = _agree(accelerator, not math.isfinite(loss_value), bool(stop_signals))
-                        if nonfinite and t.nonfinite_loss == "stop":
-                            raise NonFiniteLoss(
-                                f"the loss is {loss_value} at epoch {epoch + 1}, step {state.global_step + 1}; "
-                                "stopping. The last good checkpoint is kept (resume with --resume; set "
-                                'train.nonfinite_loss = "skip" to skip such steps, or lower optim.lr)'
-                            )
-                        if nonfinite:  # "skip": drop this batch's gradients, keep the schedule moving
-                            optimizer.optimizer.zero_grad(set_to_none=True)
-                            state.skipped_steps += 1
-                        else:
-                            if recipe.optim.grad_clip > 0 and accelerator.sync_gradients:
-                                accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-                            optimizer.step()  # a no-op until the last batch of an accumulation group
-                            optimizer.zero_grad(set_to_none=True)
-                            state.epoch_loss_sum += loss_value * len(first_targets)
-                            state.epoch_correct_sum += soft_correct(logits, first_targets, smoothing).item()
-                            state.epoch_seen += len(first_targets)
-                    state.batch_in_epoch = batch_index + 1
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                        state.global_step += 1
-                        if state.global_step % recipe.log.every_steps == 0:
-                            accelerator.log(
-                                {"train/loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=state.global_step
-                            )
-                    images_this_run += len(first_targets) * accelerator.num_processes
-                    progress.advance(
-                        loss_value, scheduler.get_last_lr()[0], len(first_targets) * accelerator.num_processes
-                    )
-                    if stop_now and accelerator.sync_gradients:
-                        state.elapsed_seconds += time.perf_counter() - epoch_start
-                        raise Interrupted(stop_signals[0] if stop_signals else signal.SIGTERM, save(state))
-                train_seconds = time.perf_counter() - epoch_start
-                progress.end_epoch()
-
-                # ---- evaluate, log, checkpoint
-                sums = [state.epoch_loss_sum, state.epoch_correct_sum, float(state.epoch_seen)]
-                sums = torch.tensor(sums, dtype=torch.float64, device=accelerator.device)
-                tl, tc, tn = accelerator.reduce(sums, reduction="sum").tolist()
-                row: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "step": state.global_step,
-                    "lr": scheduler.get_last_lr()[0],
-                    "train_loss": tl / max(tn, 1),
-                    "train_acc1": 100.0 * tc / max(tn, 1),
-                }
-                last = epoch + 1 == t.epochs
-                if last or (epoch + 1) % t.eval_every == 0:
-                    row.update(evaluate_model(accelerator, forward_model, val_loader, info, channels_last))
-                    state.best_val_acc1 = max(state.best_val_acc1, row["val_acc1"])
-                row["epoch_seconds"] = time.perf_counter() - epoch_start
-                row["images_per_second"] = images_this_run / train_seconds if train_seconds > 0 else 0.0
-                if state.skipped_steps:
-                    row["skipped_steps"] = state.skipped_steps
-                state.elapsed_seconds += row["epoch_seconds"]
-                state.epoch, state.batch_in_epoch = epoch + 1, 0
-                state.epoch_loss_sum = state.epoch_correct_sum = 0.0
-                state.epoch_seen = 0
-                if accelerator.is_main_process:
-                    _append_line(metrics_path, row)
-                    history.append(row)
-                accelerator.log({k: v for k, v in row.items() if k not in ("epoch", "step")}, step=state.global_step)
-                progress.epoch_line(row)
-                if last or (epoch + 1) % t.checkpoint_every == 0:
-                    save(state)
-        except Interrupted as stop:
-            interrupted = stop
-        finally:
-            progress.close()
-
-    if interrupted is not None:
-        accelerator.end_training()
+    try:
         if accelerator.is_main_process:
-            lock.release()
-        raise interrupted
+            lock.acquire(expect_empty=not (resume or overwrite))
+            if overwrite:
+                lock.clear_run_dir()
+            if not resume:
+                write_text_atomic(run_dir / "recipe.toml", recipe_to_toml(recipe))
+                dump_json(
+                    run_dir / "env.json",
+                    collect_env(
+                        device=str(accelerator.device),
+                        num_processes=accelerator.num_processes,
+                        mixed_precision=t.precision,
+                    ),
+                )
+        accelerator.wait_for_everyone()
 
-    final = dict(history[-1]) if history else {}
-    final.update(best_val_acc1=state.best_val_acc1, elapsed_seconds=state.elapsed_seconds)
-    final["ranks_in_sync"] = _ranks_in_sync(accelerator, model)
-    if accelerator.is_main_process:
-        dump_json(run_dir / "final_metrics.json", final)
-        _export(accelerator.unwrap_model(model), run_dir, recipe, info, final)
-        print_summary(history, final, run_dir)
-        lock.release()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return final
+        model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+        forward_model = torch.compile(model) if recipe.model.compile else model
+
+        state = TrainState()
+        metrics_path = run_dir / "metrics.jsonl"
+        if resume:
+            state = load_checkpoint(accelerator, run_dir, log=say)
+            scheduler.load_state_dict(state.scheduler)
+            if accelerator.is_main_process:  # forget epochs logged after the checkpoint
+                write_text_atomic(
+                    metrics_path, "".join(json.dumps(r) + "\n" for r in _read_metrics(metrics_path, state.epoch))
+                )
+            say(
+                f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.global_step}"
+            )
+        history = _read_metrics(metrics_path, state.epoch) if accelerator.is_main_process else []
+        accelerator.init_trackers(run_dir.name, config=flatten_recipe(recipe))
+
+        dual_alpha = recipe.augment.dual_cutout_alpha
+        smoothing = recipe.augment.label_smoothing
+        channels_last = recipe.model.channels_last
+        progress = EpochProgress(enabled=accelerator.is_main_process and recipe.log.progress)
+        interrupted: Interrupted | None = None
+
+        def save(state_: TrainState) -> Path | None:
+            state_.scheduler = scheduler.state_dict()
+            return save_checkpoint(accelerator, run_dir, state_, keep=t.keep_checkpoints)
+
+        with _stop_requests() as stop_signals:
+            try:
+                for epoch in range(state.epoch, t.epochs):
+                    # ---- train one epoch
+                    model.train()
+                    epoch_start = time.perf_counter()
+                    images_this_run = 0  # images trained in this process's part of the epoch, all ranks
+                    progress.start_epoch(epoch + 1, t.epochs, batches_per_epoch - state.batch_in_epoch)
+                    first = state.batch_in_epoch  # > 0 when resuming mid-epoch: those batches were trained
+                    for batch_index, (images, targets) in enumerate(batches.epoch(epoch, first), start=first):
+                        if batch_index >= batches_per_epoch:
+                            break
+                        if channels_last:
+                            images = images.contiguous(memory_format=torch.channels_last)
+                        with accelerator.accumulate(model):
+                            loss, logits, first_targets = _forward_backward(
+                                accelerator, forward_model, model, images, targets, t.subdivision, dual_alpha
+                            )
+                            loss_value = loss.item()
+                            nonfinite, stop_now = _agree(accelerator, not math.isfinite(loss_value), bool(stop_signals))
+                            if nonfinite and t.nonfinite_loss == "stop":
+                                raise NonFiniteLoss(
+                                    f"the loss is {loss_value} at epoch {epoch + 1}, step {state.global_step + 1}; "
+                                    "stopping. The last good checkpoint is kept (resume with --resume; set "
+                                    'train.nonfinite_loss = "skip" to skip such steps, or lower optim.lr)'
+                                )
+                            if nonfinite:  # "skip": drop this batch's gradients, keep the schedule moving
+                                optimizer.optimizer.zero_grad(set_to_none=True)
+                                state.skipped_steps += 1
+                            else:
+                                if recipe.optim.grad_clip > 0 and accelerator.sync_gradients:
+                                    accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                                optimizer.step()  # a no-op until the last batch of an accumulation group
+                                optimizer.zero_grad(set_to_none=True)
+                                state.epoch_loss_sum += loss_value * len(first_targets)
+                                state.epoch_correct_sum += soft_correct(logits, first_targets, smoothing).item()
+                                state.epoch_seen += len(first_targets)
+                        state.batch_in_epoch = batch_index + 1
+                        if accelerator.sync_gradients:
+                            scheduler.step()
+                            state.global_step += 1
+                            if state.global_step % recipe.log.every_steps == 0:
+                                accelerator.log(
+                                    {"train/loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=state.global_step
+                                )
+                        images_this_run += len(first_targets) * accelerator.num_processes
+                        progress.advance(
+                            loss_value, scheduler.get_last_lr()[0], len(first_targets) * accelerator.num_processes
+                        )
+                        if stop_now and accelerator.sync_gradients:
+                            state.elapsed_seconds += time.perf_counter() - epoch_start
+                            raise Interrupted(stop_signals[0] if stop_signals else signal.SIGTERM, save(state))
+                    train_seconds = time.perf_counter() - epoch_start
+                    progress.end_epoch()
+
+                    # ---- evaluate, log, checkpoint
+                    sums = [state.epoch_loss_sum, state.epoch_correct_sum, float(state.epoch_seen)]
+                    sums = torch.tensor(sums, dtype=torch.float64, device=accelerator.device)
+                    tl, tc, tn = accelerator.reduce(sums, reduction="sum").tolist()
+                    row: dict[str, Any] = {
+                        "epoch": epoch + 1,
+                        "step": state.global_step,
+                        "lr": scheduler.get_last_lr()[0],
+                        "train_loss": tl / max(tn, 1),
+                        "train_acc1": 100.0 * tc / max(tn, 1),
+                    }
+                    last = epoch + 1 == t.epochs
+                    if last or (epoch + 1) % t.eval_every == 0:
+                        row.update(evaluate_model(accelerator, forward_model, val_loader, info, channels_last))
+                        state.best_val_acc1 = max(state.best_val_acc1, row["val_acc1"])
+                    row["epoch_seconds"] = time.perf_counter() - epoch_start
+                    row["images_per_second"] = images_this_run / train_seconds if train_seconds > 0 else 0.0
+                    if state.skipped_steps:
+                        row["skipped_steps"] = state.skipped_steps
+                    state.elapsed_seconds += row["epoch_seconds"]
+                    state.epoch, state.batch_in_epoch = epoch + 1, 0
+                    state.epoch_loss_sum = state.epoch_correct_sum = 0.0
+                    state.epoch_seen = 0
+                    if accelerator.is_main_process:
+                        _append_line(metrics_path, row)
+                        history.append(row)
+                    accelerator.log(
+                        {k: v for k, v in row.items() if k not in ("epoch", "step")}, step=state.global_step
+                    )
+                    progress.epoch_line(row)
+                    if last or (epoch + 1) % t.checkpoint_every == 0:
+                        save(state)
+            except Interrupted as stop:
+                interrupted = stop
+            finally:
+                progress.close()
+
+        if interrupted is not None:
+            accelerator.end_training()
+            if accelerator.is_main_process:
+                lock.release()
+            raise interrupted
+
+        final = dict(history[-1]) if history else {}
+        final.update(best_val_acc1=state.best_val_acc1, elapsed_seconds=state.elapsed_seconds)
+        final["ranks_in_sync"] = _ranks_in_sync(accelerator, model)
+        if accelerator.is_main_process:
+            dump_json(run_dir / "final_metrics.json", final)
+            _export(accelerator.unwrap_model(model), run_dir, recipe, info, final)
+            print_summary(history, final, run_dir)
+            lock.release()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return final
+    finally:
+        lock.release()  # also after an error, so a later run in this process can take the directory
 
 
 def _ranks_in_sync(accelerator: Accelerator, model: nn.Module) -> bool:

@@ -396,16 +396,7 @@ def _corrupt_copy(root: Path, digits_dir: Path, index: int) -> Path:
 
 @pytest.mark.parametrize(
     "index",
-    [
-        200,
-        pytest.param(
-            3,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="data.choose_data_path probes the first 8 images without the corrupt-image guard: a traceback",
-            ),
-        ),
-    ],
+    [200, 3],  # 3: among the images probed to choose the pipeline
 )
 def test_corrupt_image_names_split_and_index(tmp_path, digits_dir, index):
     recipe = write_recipe(tmp_path / "r.toml", _corrupt_copy(tmp_path, digits_dir, index))
@@ -447,11 +438,6 @@ def test_damaged_decode_cache_is_decoded_again(tmp_path, digits_dir):
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data.py opens local folders with datasets.load_dataset, whose Arrow cache is keyed by the folder's "
-    "name and config, not its files: a changed dataset (or another folder of the same name) is served stale",
-)
 def test_changed_dataset_is_decoded_again_not_served_from_a_stale_cache(tmp_path, digits_dir):
     from cifar_train.data import load_dataset_splits
 
