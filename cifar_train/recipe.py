@@ -377,11 +377,8 @@ def load_recipe(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            hint = (
-                f"; recipes in recipes/: {', '.join(sorted(p.name for p in Path('recipes').glob('*.toml')))}"
-                if Path("recipes").is_dir()
-                else ""
-            )
+            known = sorted(str(p) for p in Path("recipes").rglob("*.toml")) if Path("recipes").is_dir() else []
+            hint = did_you_mean(str(path), known) or (" (the recipes are under recipes/)" if known else "")
             raise UserError(f"recipe file {str(path)!r} does not exist{hint}")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
