@@ -14,6 +14,7 @@ an `imagefolder` tree (one sub-folder per class) or a `save_to_disk` folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -151,6 +152,25 @@ def open_dataset(dataset: str) -> tuple[Any, str]:
     import datasets
 
     name, is_local = resolve_dataset(dataset)
+    with _quiet_datasets():
+        return _open_resolved(datasets, name, is_local)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars while we open a dataset: our own output says what happens."""
+    import datasets
+
+    were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_enabled:
+            datasets.enable_progress_bars()
+
+
+def _open_resolved(datasets: Any, name: str, is_local: bool) -> tuple[Any, str]:
     if is_local:
         path = Path(name)
         if path.is_file():

@@ -345,92 +345,26 @@ def _agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
 # The run.
 
 
-def _check_resume_recipe(recipe: Recipe | None, run_dir: Path) -> Recipe:
-    saved = load_recipe(run_dir / "recipe.toml")
-    if recipe is not None and recipe != saved:
-        a, b = recipe_to_dict(recipe), recipe_to_dict(saved)
-        diffs = [f"{s}.{k}: {a[s][k]!r} here, {b[s][k]!r} in the run" for s in a for k in a[s] if a[s][k] != b[s][k]]
-        raise UserError(
-            f"--resume {str(run_dir)!r}: the recipe differs from the run's recipe.toml ({'; '.join(diffs)}); "
-            "omit the recipe argument to continue with the saved one"
-        )
-    return saved
-
-
-def _check_trackers(trackers: list[str]) -> None:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    for name in trackers:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            raise UserError(
-                f"log.trackers: unknown tracker {name!r}{did_you_mean(name, LOGGER_TYPE_TO_CLASS)}; "
-                f"known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}"
-            )
-        if not _tracker_installed(name):
-            raise UserError(f"log.trackers: {name!r} is not installed; pip install it or remove it from the recipe")
-
-
-def _tracker_installed(name: str) -> bool:
-    import accelerate.utils as au
-
-    check = getattr(au, f"is_{name}_available", None)
-    return bool(check()) if check is not None else True
-
-
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] <= upto_epoch]
-
-
-def _append_line(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def train(
-    recipe: Recipe | None, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, log=None
-) -> dict[str, Any]:
-    """Train `recipe` into `output_dir` (the run directory); returns the final metrics.
-
-    With `resume=True` the run continues from its newest complete checkpoint (`recipe` may be None:
-    the run's own recipe.toml is used; when given it must equal it).
-    """
-    run_dir = Path(output_dir)
-    check_output_dir(run_dir, resume=resume, overwrite=overwrite)
-    if resume:
-        recipe = _check_resume_recipe(recipe, run_dir)
-    assert recipe is not None
-    t, d = recipe.train, recipe.data
-    _check_trackers(recipe.log.trackers)
-
-    accelerator = Accelerator(
-        mixed_precision=t.precision,
-        gradient_accumulation_steps=t.grad_accum_steps,
-        log_with=recipe.log.trackers or None,
-        project_dir=str(run_dir),
-    )
-    say = log or accelerator.print
-    if t.precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError('train.precision = "fp16" needs a GPU; on CPU use "bf16" or "no"')
-    per_process_batch, remainder = divmod(t.batch_size, accelerator.num_processes)
+def _per_process_batch(recipe: Recipe, num_processes: int) -> int:
+    """The global batch split over processes; refused when it does not split evenly."""
+    t = recipe.train
+    per_process_batch, remainder = divmod(t.batch_size, num_processes)
     if recipe.augment.mix in ("mixup", "cutmix") and per_process_batch % 2:
         raise UserError(
             f"augment.mix = {recipe.augment.mix!r} needs an even batch per process; train.batch_size = "
-            f"{t.batch_size} over {accelerator.num_processes} process(es) gives {per_process_batch}"
+            f"{t.batch_size} over {num_processes} process(es) gives {per_process_batch}"
         )
     if remainder or per_process_batch % t.subdivision:
         raise UserError(
-            f"train.batch_size = {t.batch_size} must split evenly over {accelerator.num_processes} "
+            f"train.batch_size = {t.batch_size} must split evenly over {num_processes} "
             f"process(es) and then into train.subdivision = {t.subdivision} chunks"
         )
+    return per_process_batch
 
-    # Data: small datasets are decoded once (the main process fills the cache first) and kept on the
-    # training device; ImageNet-sized ones stream through DataLoader workers.
-    set_seed(t.seed)
+
+def _build_data(recipe: Recipe, accelerator: Accelerator, per_process_batch: int):
+    """Training batches (this process's shard, augmented) and the validation loader, plus dataset facts."""
+    t, d = recipe.train, recipe.data
     pipeline = _choose_pipeline(recipe)
     with accelerator.main_process_first():
         if pipeline == "memory":
@@ -506,6 +440,86 @@ def train(
             batch_size=max(1, t.val_batch_size // accelerator.num_processes),
             **stream,
         )
+    return batches, val_loader, info
+
+
+def _check_resume_recipe(recipe: Recipe | None, run_dir: Path) -> Recipe:
+    saved = load_recipe(run_dir / "recipe.toml")
+    if recipe is not None and recipe != saved:
+        a, b = recipe_to_dict(recipe), recipe_to_dict(saved)
+        diffs = [f"{s}.{k}: {a[s][k]!r} here, {b[s][k]!r} in the run" for s in a for k in a[s] if a[s][k] != b[s][k]]
+        raise UserError(
+            f"--resume {str(run_dir)!r}: the recipe differs from the run's recipe.toml ({'; '.join(diffs)}); "
+            "omit the recipe argument to continue with the saved one"
+        )
+    return saved
+
+
+def _check_trackers(trackers: list[str]) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in trackers:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(
+                f"log.trackers: unknown tracker {name!r}{did_you_mean(name, LOGGER_TYPE_TO_CLASS)}; "
+                f"known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}"
+            )
+        if not _tracker_installed(name):
+            raise UserError(f"log.trackers: {name!r} is not installed; pip install it or remove it from the recipe")
+
+
+def _tracker_installed(name: str) -> bool:
+    import accelerate.utils as au
+
+    check = getattr(au, f"is_{name}_available", None)
+    return bool(check()) if check is not None else True
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def train(
+    recipe: Recipe | None, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, log=None
+) -> dict[str, Any]:
+    """Train `recipe` into `output_dir` (the run directory); returns the final metrics.
+
+    With `resume=True` the run continues from its newest complete checkpoint (`recipe` may be None:
+    the run's own recipe.toml is used; when given it must equal it).
+    """
+    run_dir = Path(output_dir)
+    check_output_dir(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        recipe = _check_resume_recipe(recipe, run_dir)
+    assert recipe is not None
+    t = recipe.train
+    _check_trackers(recipe.log.trackers)
+
+    accelerator = Accelerator(
+        mixed_precision=t.precision,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        log_with=recipe.log.trackers or None,
+        project_dir=str(run_dir),
+    )
+    say = log or accelerator.print
+    if t.precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError('train.precision = "fp16" needs a GPU; on CPU use "bf16" or "no"')
+    per_process_batch = _per_process_batch(recipe, accelerator.num_processes)
+
+    # Data: small datasets are decoded once (the main process fills the cache first) and kept on the
+    # training device; ImageNet-sized ones stream through DataLoader workers.
+    set_seed(t.seed)
+    batches, val_loader, info = _build_data(recipe, accelerator, per_process_batch)
     batches_per_epoch = len(batches) // t.grad_accum_steps * t.grad_accum_steps
     steps_per_epoch = batches_per_epoch // t.grad_accum_steps
     if steps_per_epoch == 0:

@@ -233,7 +233,9 @@ def test_sigterm_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, reference
 def _into_epoch_two(run_dir: Path) -> bool:
     if not checkpoints(run_dir, "step_*_e0001_*"):
         return False
-    time.sleep(0.7)  # a few steps into epoch 2 (4 steps take seconds here)
+    # Half an epoch into epoch 2, whatever this machine's speed: epoch 1's own duration says how long.
+    first_epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    time.sleep(0.5 * first_epoch["epoch_seconds"])
     return True
 
 
