@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
         return getattr(loop, name)
     if name == "evaluate":
-        from .evaluate import evaluate
+        from .evaluation import evaluate
 
         return evaluate
     raise AttributeError(f"module 'cifar_train' has no attribute {name!r}")

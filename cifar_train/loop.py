@@ -629,7 +629,10 @@ def train(
                                 )
                         images_this_run += len(first_targets) * accelerator.num_processes
                         progress.advance(
-                            loss_value, scheduler.get_last_lr()[0], len(first_targets) * accelerator.num_processes
+                            loss_value,
+                            scheduler.get_last_lr()[0],
+                            len(first_targets) * accelerator.num_processes,
+                            state.epoch_correct_sum / max(state.epoch_seen, 1),
                         )
                         if stop_now and accelerator.sync_gradients:
                             state.elapsed_seconds += time.perf_counter() - epoch_start

@@ -40,7 +40,10 @@ class EpochProgress:
                 TextColumn("[bold]epoch {task.fields[epoch]}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}  {task.fields[ips]:.0f} img/s"),
+                TextColumn(
+                    "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1f}%  lr {task.fields[lr]:.3g}  "
+                    "{task.fields[ips]:.0f} img/s"
+                ),
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
@@ -48,16 +51,24 @@ class EpochProgress:
             self._progress.start()
         if self._task is not None:
             self._progress.remove_task(self._task)
-        self._task = self._progress.add_task("train", total=total, epoch=f"{epoch}/{epochs}", loss=0.0, lr=0.0, ips=0.0)
+        self._task = self._progress.add_task(
+            "train", total=total, epoch=f"{epoch}/{epochs}", loss=0.0, acc=0.0, lr=0.0, ips=0.0
+        )
 
-    def advance(self, loss: float, lr: float, images: int) -> None:
+    def advance(self, loss: float, lr: float, images: int, accuracy: float = 0.0) -> None:
+        """One step: its loss, the lr, images trained (all processes), running train accuracy (0-1)."""
         self._loss_sum += loss
         self._count += 1
         self._images += images
         if self.live and self._progress is not None:
             elapsed = max(time.perf_counter() - self._start, 1e-9)
             self._progress.update(
-                self._task, advance=1, loss=self._loss_sum / self._count, lr=lr, ips=self._images / elapsed
+                self._task,
+                advance=1,
+                loss=self._loss_sum / self._count,
+                acc=100.0 * accuracy,
+                lr=lr,
+                ips=self._images / elapsed,
             )
 
     def end_epoch(self) -> None:

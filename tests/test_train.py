@@ -110,6 +110,30 @@ def test_run_writes_every_file_of_the_contract(tmp_path, digits_dir):
     assert rows[-1]["val_acc1"] > 30.0  # chance is 10%
     card = (run_dir / "README.md").read_text()
     assert "import cifar_models" in card
+    # evaluate.py on the run directory scores exactly what the run logged for its last epoch.
+    from cifar_train import evaluate
+
+    scored = evaluate(run_dir)
+    assert scored["num_samples"] == 360
+    assert scored["top1"] == pytest.approx(rows[-1]["val_acc1"], abs=1e-9)
+    assert scored["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+
+
+def test_tensorboard_tracker_gets_metrics_and_flattened_recipe(tmp_path, digits_dir):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
+    recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"epochs": 1}, log={"trackers": ["tensorboard"]})
+    final = train(load_recipe(recipe), tmp_path / "run")
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file was written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"val_acc1", "train_loss"} <= tags
+    assert final["val_acc1"] >= 0
 
 
 def test_existing_run_directory_is_refused_and_left_untouched(tmp_path, digits_dir):

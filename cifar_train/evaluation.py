@@ -332,7 +332,7 @@ def _evaluate(
 
 
 def evaluate(
-    source: str,
+    source: str | os.PathLike,
     dataset: str | None = None,
     split: str | None = None,
     batch_size: int = 256,
@@ -345,6 +345,7 @@ def evaluate(
     (rows true class, columns prediction), `class_names`, `dataset`, `split`, `tta`, `mean`, `std`, ...
     `dataset` and `split` default to the run's recipe (its validation split, or its held-out fraction).
     """
+    source = os.fspath(source)
     result, _, _, _ = _evaluate(source, dataset=dataset, split=split, batch_size=batch_size, tta=tta, device=device)
     return result
 
