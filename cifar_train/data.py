@@ -728,6 +728,8 @@ def build_streaming_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # Evaluation draws its worker seeds from its own generator, never from the training RNG stream.
+        generator=None if training else torch.Generator().manual_seed(seed),
     )
 
 

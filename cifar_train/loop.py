@@ -408,6 +408,9 @@ def _build_data(recipe: Recipe, accelerator: Accelerator, per_process_batch: int
             batch_size=max(1, t.val_batch_size // accelerator.num_processes),
             shuffle=False,
             collate_fn=_keep_batch,
+            # Its own generator: iterating a DataLoader draws a seed, which must not come from the global
+            # RNG, or validating would shift the training augmentation (and results would depend on eval_every).
+            generator=torch.Generator().manual_seed(t.seed),
         )
     else:
         stream = dict(

@@ -119,6 +119,16 @@ def test_run_writes_every_file_of_the_contract(tmp_path, digits_dir):
     assert scored["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
 
 
+def test_validation_does_not_change_training(tmp_path, digits_dir):
+    # Validating draws nothing from the training RNG streams: evaluating every epoch or only at the end
+    # gives bit-identical weights.
+    every = write_recipe(tmp_path / "every.toml", digits_dir, train={"epochs": 3, "eval_every": 1})
+    once = write_recipe(tmp_path / "once.toml", digits_dir, train={"epochs": 3, "eval_every": 100})
+    train(load_recipe(every), tmp_path / "every")
+    train(load_recipe(once), tmp_path / "once")
+    assert_same_weights(tmp_path / "every", tmp_path / "once")
+
+
 def test_tensorboard_tracker_gets_metrics_and_flattened_recipe(tmp_path, digits_dir):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
     recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"epochs": 1}, log={"trackers": ["tensorboard"]})
