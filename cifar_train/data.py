@@ -24,7 +24,7 @@ import socket
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -78,6 +78,7 @@ class DatasetInfo:
     image_size: tuple[int, int]  # (H, W) of the decoded images; streaming: the train crop size
     mean: tuple[float, ...]  # per channel, in [0, 1], from the training images
     std: tuple[float, ...]
+    skipped_images: dict[str, list[int]] = field(default_factory=dict)  # split -> corrupt indices left out
 
 
 @dataclass
@@ -288,13 +289,14 @@ def _decode_split(
     labels_all = np.asarray(_arrow_column(split, label_column).to_numpy(), dtype=np.int64)
     images: np.ndarray | None = None
     keep: list[int] = []
+    skipped: list[int] = []
     mode, size = "RGB", (0, 0)
     for index, record in enumerate(records):
         try:
             image = _open_image(record)
         except (OSError, SyntaxError, ValueError) as err:  # PIL raises these on truncated or invalid files
             if skip_corrupt:
-                warnings.warn(f"skipping corrupt image: split {split_name!r}, index {index}", stacklevel=2)
+                skipped.append(index)
                 continue
             raise UserError(
                 f"data.dataset: corrupt image in split {split_name!r} at index {index} ({_first_line(err)}); "
@@ -318,7 +320,13 @@ def _decode_split(
     pixels = torch.from_numpy(images[: len(keep)]).permute(0, 3, 1, 2).contiguous()
     sums, squares = _pixel_sums(pixels)
     labels = torch.from_numpy(labels_all[np.asarray(keep, dtype=np.int64)])
-    return {"images": pixels, "labels": labels, "pixel_sums": sums, "pixel_squares": squares}
+    return {
+        "images": pixels,
+        "labels": labels,
+        "pixel_sums": sums,
+        "pixel_squares": squares,
+        "skipped": torch.tensor(skipped, dtype=torch.int64),  # indices of corrupt images left out
+    }
 
 
 def _pixel_sums(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,6 +510,13 @@ def load_dataset_splits(
     )
     images, labels = train["images"], train["labels"]
     sums, squares = train["pixel_sums"], train["pixel_squares"]
+    skipped = {train_split: train.get("skipped", torch.zeros(0, dtype=torch.int64)).tolist()}
+    if val_decoded is not None:
+        skipped[val_split] = val_decoded.get("skipped", torch.zeros(0, dtype=torch.int64)).tolist()
+    skipped = {split: indices for split, indices in skipped.items() if indices}
+    for split, indices in skipped.items():  # every run says so, also when the decoded data comes from the cache
+        shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
+        warnings.warn(f"skipped {len(indices)} corrupt image(s): split {split!r}, index {shown}", stacklevel=2)
 
     if val_decoded is not None:
         val = DecodedSplit(val_decoded["images"], val_decoded["labels"])
@@ -535,6 +550,7 @@ def load_dataset_splits(
         image_size=(int(height), int(width)),
         mean=mean,
         std=std,
+        skipped_images=skipped,
     )
     return DecodedSplit(images, labels), val, info
 

@@ -689,6 +689,8 @@ def train(
         final = dict(history[-1]) if history else {}
         final.update(best_val_acc1=state.best_val_acc1, elapsed_seconds=state.elapsed_seconds)
         final["ranks_in_sync"] = _ranks_in_sync(accelerator, model)
+        if info.skipped_images:  # data.skip_corrupt: which corrupt images were left out, per split
+            final["skipped_corrupt_images"] = info.skipped_images
         if accelerator.is_main_process:
             dump_json(run_dir / "final_metrics.json", final)
             _export(accelerator.unwrap_model(model), run_dir, recipe, info, final)

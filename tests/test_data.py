@@ -172,8 +172,9 @@ def test_corrupt_image_is_named_and_leaves_no_cache_or_can_be_skipped(tmp_path: 
         load_dataset_splits(str(tmp_path / "bad"), val_split=None, cache_dir=cache)
     assert not [path for path in cache.rglob("*") if path.is_file()]
     with pytest.warns(UserWarning, match="index 3"):
-        train, _, _ = load_dataset_splits(str(tmp_path / "bad"), val_split=None, cache_dir=cache, skip_corrupt=True)
+        train, _, info = load_dataset_splits(str(tmp_path / "bad"), val_split=None, cache_dir=cache, skip_corrupt=True)
     assert len(train) == 4
+    assert info.skipped_images == {"train": [3]}
 
 
 @pytest.mark.parametrize(

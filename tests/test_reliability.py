@@ -412,8 +412,17 @@ def test_corrupt_image_is_skipped_and_reported_when_asked(tmp_path, digits_dir):
     recipe = write_recipe(tmp_path / "r.toml", dataset, data={"skip_corrupt": True})
     result = run_cli(str(recipe), "--output-dir", str(tmp_path / "run"), "--set", "train.epochs=1")
     assert result.returncode == 0, result.stderr
-    assert "split 'train', index 200" in result.stderr
+    assert "skipped 1 corrupt image(s): split 'train', index 200" in result.stderr
     assert (tmp_path / "run" / "model.safetensors").is_file()
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["skipped_corrupt_images"] == {"train": [200]}
+    # A second run decodes nothing (the cache has it) and still says, and records, what was left out.
+    again = run_cli(str(recipe), "--output-dir", str(tmp_path / "again"), "--set", "train.epochs=1")
+    assert again.returncode == 0, again.stderr
+    assert "skipped 1 corrupt image(s): split 'train', index 200" in again.stderr
+    assert json.loads((tmp_path / "again" / "final_metrics.json").read_text())["skipped_corrupt_images"] == {
+        "train": [200]
+    }
 
 
 def _white_png() -> bytes:
