@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
+from timm.layers import create_classifier
 from timm.models import build_model_with_cfg
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "INIT_MODES", "build_cifar_model", "cifar_cfg", "init_weights"]
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "INIT_MODES",
+    "PooledLinearHead",
+    "build_cifar_model",
+    "cifar_cfg",
+    "init_weights",
+]
 
 # Per-channel mean / std of the CIFAR-10 training set (pixel values in [0, 1]). The std is the
 # true per-pixel std, not the 0.2023/0.1994/0.2010 values that circulate from an old typo.
@@ -86,3 +96,25 @@ def build_cifar_model(
         feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_features))),
         **kwargs,
     )
+
+
+class PooledLinearHead:
+    """timm's classifier methods for a model whose head is `self.global_pool` then `self.fc`.
+
+    Mixed into model classes (before `nn.Module`) that set `num_classes`, `num_features`,
+    `global_pool` and `fc` with `timm.layers.create_classifier`, and read `grad_checkpointing`.
+    """
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (0 -> identity); `global_pool` '' drops pooling, None keeps it."""
+        self.num_classes = num_classes
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, create_classifier
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from ._builder import build_cifar_model, cifar_cfg, init_weights
+from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["PyramidBasicBlock", "PyramidBottleneckBlock", "PyramidNet", "pyramidnet_widths"]
 
@@ -106,7 +106,7 @@ def pyramidnet_widths(depth: int, alpha: float, initial_channels: int = 16, bloc
     return [initial_channels] + [round(w) * expansion for w in widths[1:]]
 
 
-class PyramidNet(nn.Module):
+class PyramidNet(PooledLinearHead, nn.Module):
     """PyramidNet for 32x32 inputs: conv-BN stem, three pyramidal stages, final BN-ReLU, pooled linear head."""
 
     def __init__(
@@ -171,20 +171,6 @@ class PyramidNet(nn.Module):
             stem=r"^conv|^bn",
             blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (0 -> identity); `global_pool` '' drops pooling, None keeps it."""
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.conv(x))

@@ -17,7 +17,7 @@ import torch.nn as nn
 from timm.layers import create_classifier
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from ._builder import build_cifar_model, cifar_cfg, init_weights
+from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["ResNeXt", "ResNeXtBottleneck"]
 
@@ -66,7 +66,7 @@ class ResNeXtBottleneck(nn.Module):
         return self.act3(x + shortcut)
 
 
-class ResNeXt(nn.Module):
+class ResNeXt(PooledLinearHead, nn.Module):
     """ResNeXt for 32x32 inputs: stem conv-BN-ReLU, three bottleneck stages (strides 1, 2, 2), global pool, linear."""
 
     def __init__(
@@ -135,21 +135,6 @@ class ResNeXt(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^conv|^bn", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (0 classes -> Identity); `global_pool=''` removes pooling and flattening."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn(self.conv(x)))

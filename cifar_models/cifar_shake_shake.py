@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier, register_notrace_function
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from ._builder import build_cifar_model, cifar_cfg, init_weights
+from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = [
     "ShakeShakeBlock",
@@ -141,7 +141,7 @@ class ShakeShakeBlock(nn.Module):
         return self.shortcut(x) + mixed
 
 
-class ShakeShakeResNet(nn.Module):
+class ShakeShakeResNet(PooledLinearHead, nn.Module):
     """Shake-Shake ResNet for 32x32 inputs: stem conv-BN, three stages of shake-shake blocks (strides 1, 2, 2),
     final ReLU, global pool, linear."""
 
@@ -215,21 +215,6 @@ class ShakeShakeResNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^conv|^bn", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (0 classes -> Identity); `global_pool=''` removes pooling and flattening."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.conv(x))

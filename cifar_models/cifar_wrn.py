@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, create_classifier
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from ._builder import build_cifar_model, cifar_cfg, init_weights
+from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["WideBasicBlock", "WideResNet"]
 
@@ -53,7 +53,7 @@ class WideBasicBlock(nn.Module):
         return y + self.shortcut(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(PooledLinearHead, nn.Module):
     """WRN-`depth`-`widen_factor`: stem conv, three stages of wide blocks, final BN-ReLU, pooled linear head."""
 
     def __init__(
@@ -118,20 +118,6 @@ class WideResNet(nn.Module):
             stem=r"^conv",
             blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (0 -> identity); `global_pool` '' drops pooling, None keeps it."""
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
