@@ -60,7 +60,10 @@ def overrides_hash(overrides: Iterable[str]) -> str:
 
 
 def recipe_path(text: str | None) -> str | None:
-    """A recipe path as records keep it: relative to the repository root when inside it, '/' separators."""
+    """A recipe path as records keep it: relative to the repository root when inside it, '/' separators.
+
+    A relative path is taken as given from the repository root, where the README's commands run.
+    """
     if not text:
         return None
     path = Path(text)
@@ -267,5 +270,9 @@ def load_records(folder: str | os.PathLike = RESULTS_DIR) -> list[dict[str, Any]
         missing = [key for key in REQUIRED_RECORD_KEYS if not isinstance(record, dict) or key not in record]
         if missing:
             raise UserError(f"{str(path)!r} is not a run record: no {', '.join(missing)} (collect runs to make one)")
+        try:
+            canonical_overrides(record["overrides"])
+        except UserError as err:
+            raise UserError(f"{str(path)!r}: its overrides do not parse: {err}") from None
         records.append(dict(record, file=path.name))
     return records
