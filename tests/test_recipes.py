@@ -55,8 +55,11 @@ NO_STEP = {
 TEST_BATCH = 2  # images per test step
 
 COMMAND = re.compile(
-    r"`accelerate launch(?P<launch>[^`]*?) train_accelerate\.py (?P<path>recipes/\S+?\.toml)(?P<sets>(?: --set \S+)*)`"
+    r"`(?:accelerate launch(?P<launch>[^`]*?)|python) train_accelerate\.py (?P<path>recipes/\S+?\.toml)"
+    r"(?P<sets>(?: --set \S+)*)`"
 )
+# The "ours" cell (rendered from results/*.json by cifar_train.results): one run, or median (mean ± sd, n runs).
+OURS = re.compile(r"\d+\.\d\d \((1 run|\d+\.\d\d ± \d+\.\d\d, \d+ runs); best \d+\.\d\d\)")
 SEED_IN_HEADER = re.compile(r"\bseed (\d+\.\d+|none published)")
 
 
@@ -215,11 +218,16 @@ def test_every_recipe_is_in_a_results_table_and_vice_versa() -> None:
 
 def test_tables_state_seed_numbers_and_ours() -> None:
     rows = _table_rows()
-    assert len(rows) > 300  # every seed row, sweeps included
-    for row in rows:
+    seed_rows = [row for row in rows if "seed row" in row]
+    assert len(seed_rows) > 300  # every seed row, sweeps included
+    for row in seed_rows:
         assert "seed" in row and "ours" in row, f"table without seed/ours columns: {row}"
         assert row["seed"] == "—" or re.match(r"\d+\.\d+", row["seed"]), row
-        assert row["ours"] in ("not yet run", "—") or re.match(r"\d+\.\d+", row["ours"]), row
+        assert row["ours"] in ("not yet run", "—") or OURS.fullmatch(row["ours"]), row
+    for row in rows:  # our own runs (no seed row): last-epoch and best error, or "not yet run"
+        if "seed row" not in row:
+            assert row.keys() >= {"what", "hardware", "last-epoch error", "best error"}, row
+            assert row["last-epoch error"] == "not yet run" or re.match(r"\d+\.\d\d", row["last-epoch error"]), row
     readme = _results_documents()["README.md"]
     assert "last epoch" in readme, "the README must say the seed's numbers are last-epoch test error"
 
