@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-__all__ = ["MIX_MODES", "PADDING_MODES", "BatchAugment", "normalize", "ricap", "soft_targets"]
+from .errors import UserError
+from .recipe import Findings, check_fields
 
-MIX_MODES = ("none", "mixup", "cutmix", "ricap")
-PADDING_MODES = ("constant", "reflect", "edge")
+__all__ = ["BatchAugment", "check_augment", "normalize", "ricap", "soft_targets"]
 
 
 def _channel_tensors(
@@ -200,17 +200,70 @@ def ricap(
     return out, targets
 
 
-def _check_probability(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+def check_augment(
+    *,
+    random_crop: bool = True,
+    crop_padding: int = 4,
+    crop_padding_mode: str = "constant",
+    hflip: bool = True,
+    cutout: int = 0,
+    cutout_prob: float = 1.0,
+    cutout_inside: bool = False,
+    random_erasing: bool = False,
+    random_erasing_prob: float = 0.5,
+    random_erasing_area: tuple[float, float] = (0.02, 0.4),
+    random_erasing_min_aspect: float = 0.3,
+    random_erasing_max_attempts: int = 20,
+    mix: str = "none",
+    mixup_alpha: float = 1.0,
+    cutmix_alpha: float = 1.0,
+    ricap_beta: float = 0.3,
+    dual_cutout_alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> Findings:
+    """The augmentation's rules (types and ranges come from the schema): raises UserError on a contradiction,
+    returns the settings that have no effect with the chosen options."""
+    settings = dict(locals())
+    check_fields("augment", settings)
+    if dual_cutout_alpha > 0 and mix != "none":
+        raise UserError(
+            f"augment.dual_cutout_alpha = {dual_cutout_alpha} (Dual-Cutout) cannot be combined with "
+            f"augment.mix = {mix!r}; set one of them off"
+        )
+    if dual_cutout_alpha > 0 and cutout == 0:
+        raise UserError("augment.dual_cutout_alpha > 0 (Dual-Cutout) needs a Cutout size: set augment.cutout, e.g. 16")
+    low, high = random_erasing_area
+    if not 0.0 < low <= high <= 1.0:
+        raise UserError(f"augment.random_erasing_area = [{low}, {high}] must be [min, max] with 0 < min <= max <= 1")
+    found = Findings()
+    if not random_crop:
+        for key in ("crop_padding", "crop_padding_mode"):
+            found.ignored[f"augment.{key}"] = "augment.random_crop = false"
+    if cutout == 0:
+        for key in ("cutout_prob", "cutout_inside"):
+            found.ignored[f"augment.{key}"] = "augment.cutout = 0"
+    if not random_erasing:
+        for key in (
+            "random_erasing_prob",
+            "random_erasing_area",
+            "random_erasing_min_aspect",
+            "random_erasing_max_attempts",
+        ):
+            found.ignored[f"augment.{key}"] = "augment.random_erasing = false"
+    for key, owner in (("mixup_alpha", "mixup"), ("cutmix_alpha", "cutmix"), ("ricap_beta", "ricap")):
+        if mix != owner:
+            found.ignored[f"augment.{key}"] = f"augment.mix = {mix!r}"
+    return found
 
 
 class BatchAugment:
     """The training-time augmentation of a whole batch, configured once.
 
     `__call__(uint8 (B, C, H, W), int labels (B,))` returns float32 normalised images and (B, num_classes)
-    soft targets on the images' device. With `dual_cutout` it returns `[view1; view2]` (2B, C, H, W) and
-    `[t; t]` (2B, K): two views that share crop and flip and differ in their Cutout squares.
+    soft targets on the images' device. With `dual_cutout_alpha > 0` it returns `[view1; view2]` (2B, C, H, W)
+    and `[t; t]` (2B, K): two views that share crop and flip and differ in their Cutout squares. The keywords
+    after `std` are the recipe's `[augment]` section (`section_kwargs(recipe.augment)`), checked by
+    `check_augment`; their defaults are the schema's.
     """
 
     def __init__(
@@ -235,44 +288,18 @@ class BatchAugment:
         mixup_alpha: float = 1.0,
         cutmix_alpha: float = 1.0,
         ricap_beta: float = 0.3,
-        dual_cutout: bool = False,
+        dual_cutout_alpha: float = 0.0,  # > 0: two views per image (the loss weighs their consistency)
         label_smoothing: float = 0.0,
     ) -> None:
+        settings = dict(locals())
+        check_augment(**{k: v for k, v in settings.items() if k not in ("self", "num_classes", "mean", "std")})
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if len(mean) != len(std) or not mean:
             raise ValueError(f"mean and std need one value per channel each, got mean={mean!r} std={std!r}")
         if any(value <= 0 for value in std):
             raise ValueError(f"std must be positive, got {std!r}")
-        if crop_padding_mode not in PADDING_MODES:
-            raise ValueError(f"crop_padding_mode {crop_padding_mode!r} is not one of {', '.join(PADDING_MODES)}")
-        if crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0 pixels, got {crop_padding}")
-        if mix not in MIX_MODES:
-            raise ValueError(f"mix {mix!r} is not one of {', '.join(MIX_MODES)}")
-        if cutout < 0:
-            raise ValueError(f"cutout must be >= 0 pixels (0 = off), got {cutout}")
-        if dual_cutout and cutout == 0:
-            raise ValueError("dual_cutout needs cutout > 0 (the square size in pixels), got cutout=0")
-        if dual_cutout and mix != "none":
-            raise ValueError(f"dual_cutout cannot be combined with mix={mix!r}; use mix='none'")
-        for name, value in (
-            ("cutout_prob", cutout_prob),
-            ("random_erasing_prob", random_erasing_prob),
-            ("label_smoothing", label_smoothing),
-        ):
-            _check_probability(name, value)
         low, high = random_erasing_area
-        if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"random_erasing_area must satisfy 0 < low <= high <= 1, got {random_erasing_area!r}")
-        if not 0.0 < random_erasing_min_aspect <= 1.0:
-            raise ValueError(f"random_erasing_min_aspect must be in (0, 1], got {random_erasing_min_aspect!r}")
-        if random_erasing_max_attempts < 1:
-            raise ValueError(f"random_erasing_max_attempts must be >= 1, got {random_erasing_max_attempts}")
-        for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha), ("ricap_beta", ricap_beta)):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-
         self.num_classes = num_classes
         self.mean = tuple(float(value) for value in mean)
         self.std = tuple(float(value) for value in std)
@@ -289,7 +316,7 @@ class BatchAugment:
         self.random_erasing_max_attempts = random_erasing_max_attempts
         self.mix = mix
         self.ricap_beta = ricap_beta
-        self.dual_cutout = dual_cutout
+        self.dual_cutout = dual_cutout_alpha > 0
         self.label_smoothing = label_smoothing
         self._mixup: Mixup | None = None
         if mix in ("mixup", "cutmix"):  # timm's Mixup: lambda from numpy's global RNG, pairs = batch reversed

@@ -24,12 +24,15 @@ from timm.layers import evo_norm, filter_response_norm, norm, norm_act
 from torch import nn
 
 from cifar_train.errors import UserError, did_you_mean
+from cifar_train.recipe import Findings, check_fields
 
 __all__ = [
     "LARS",
     "OPTIMIZER_NAMES",
     "OWN_OPTIMIZER_NAMES",
     "AdaBound",
+    "check_optim",
+    "check_optimizer",
     "create_optimizer",
     "param_groups",
 ]
@@ -257,21 +260,69 @@ class AdaBound(torch.optim.Optimizer):
         return loss
 
 
-def _unknown_optimizer(name: str) -> UserError:
-    return UserError(
-        f"unknown optimizer {name!r}{did_you_mean(name.lower(), OPTIMIZER_NAMES)}; ours are "
-        f"{', '.join(OWN_OPTIMIZER_NAMES)}, and any name in timm.optim.list_optimizers() works too"
-    )
+def check_optimizer(name: str) -> None:
+    """Raise a UserError (with "did you mean") when `name` is neither ours nor timm's."""
+    base_name = name.removeprefix("lookahead_")  # timm wraps any of its optimizers in Lookahead this way
+    if name not in OPTIMIZER_NAMES and not (name.startswith("lookahead_") and base_name in _TIMM_NAMES):
+        raise UserError(
+            f"unknown optim.name {name!r}{did_you_mean(name.lower(), OPTIMIZER_NAMES)}; ours are "
+            f"{', '.join(OWN_OPTIMIZER_NAMES)}, and any name in timm.optim.list_optimizers() works too"
+        )
+
+
+def check_optim(
+    *,
+    name: str = "sgd",
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 1e-4,
+    no_weight_decay_on_bn: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    lars_eps: float = 1e-9,
+    lars_thresh: float = 1e-2,
+    adabound_final_lr: float = 0.1,
+    adabound_gamma: float = 1e-3,
+) -> Findings:
+    """The optimizer section's rules (ranges come from the schema; the name is checked by `check_optimizer`)."""
+    check_fields("optim", dict(locals()))
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise UserError(f"optim.betas = [{betas[0]}, {betas[1]}]: beta {index + 1} must be in [0, 1)")
+    if nesterov and momentum == 0 and name == "sgd":
+        raise UserError("optim.nesterov = true needs optim.momentum > 0")
+    found = Findings()
+    uses = {
+        "momentum": ("sgd", "lars"),
+        "nesterov": ("sgd",),
+        "betas": ("adam", "amsgrad", "adamw", "adabound", "adaboundw"),
+        "lars_eps": ("lars",),
+        "lars_thresh": ("lars",),
+        "adabound_final_lr": ("adabound", "adaboundw"),
+        "adabound_gamma": ("adabound", "adaboundw"),
+    }
+    if name in OWN_OPTIMIZER_NAMES:  # timm's optimizers take what they take
+        for key, users in uses.items():
+            if name not in users:
+                found.ignored[f"optim.{key}"] = f"optim.name = {name!r} does not use it"
+    return found
+
+
+def _fused(groups: list[dict]) -> bool:
+    """Whether torch's fused kernels can take these parameters: one kernel per step instead of a loop over
+    tensors, and a `found_inf` flag that skips a step on the device (see `cifar_train.step`)."""
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
 
 
 def create_optimizer(
     model: nn.Module,
     *,
-    name: str,
-    lr: float,
+    name: str = "sgd",
+    lr: float = 0.1,
     momentum: float = 0.9,
     nesterov: bool = True,
-    weight_decay: float = 5e-4,
+    weight_decay: float = 1e-4,
     no_weight_decay_on_bn: bool = False,
     betas: tuple[float, float] = (0.9, 0.999),
     lars_eps: float = 1e-9,
@@ -281,22 +332,27 @@ def create_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer `name` over `model`'s parameters (grouped by `param_groups`).
 
-    Ours: sgd (momentum, optionally Nesterov), adam and amsgrad (L2 weight decay, as the seed), adamw,
-    lars (the seed's, above), adabound and adaboundw. Any other name goes to `timm.optim.create_optimizer_v2`
-    with lr, weight_decay, momentum and betas where that optimizer takes them. Bad values raise UserError.
+    The keywords are the recipe's `[optim]` section (`section_kwargs(recipe.optim)`); their defaults are the
+    schema's. Ours: sgd (momentum, optionally Nesterov), adam and amsgrad (L2 weight decay, as the seed),
+    adamw — these three use torch's fused kernels — lars (the seed's, above), adabound and adaboundw. Any
+    other name goes to `timm.optim.create_optimizer_v2` with lr, weight_decay, momentum and betas where that
+    optimizer takes them. Build it after moving the model to its device. Bad values raise UserError.
     """
-    base_name = name.removeprefix("lookahead_")  # timm wraps any of its optimizers in Lookahead this way
-    if name not in OPTIMIZER_NAMES and not (name.startswith("lookahead_") and base_name in _TIMM_NAMES):
-        raise _unknown_optimizer(name)
+    check_optimizer(name)
     groups = param_groups(model, weight_decay=weight_decay, no_weight_decay_on_bn=no_weight_decay_on_bn)
     betas = tuple(betas)
+    fused = _fused(groups)
     try:
         if name == "sgd":
-            return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+            return torch.optim.SGD(
+                groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, fused=fused
+            )
         if name in ("adam", "amsgrad"):
-            return torch.optim.Adam(groups, lr=lr, betas=betas, weight_decay=weight_decay, amsgrad=name == "amsgrad")
+            return torch.optim.Adam(
+                groups, lr=lr, betas=betas, weight_decay=weight_decay, amsgrad=name == "amsgrad", fused=fused
+            )
         if name == "adamw":
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
         if name == "lars":
             return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eps=lars_eps, thresh=lars_thresh)
         if name in ("adabound", "adaboundw"):
@@ -309,7 +365,7 @@ def create_optimizer(
                 weight_decay=weight_decay,
                 decoupled_weight_decay=name == "adaboundw",
             )
-        info = timm.optim.get_optimizer_info(base_name)
+        info = timm.optim.get_optimizer_info(name.removeprefix("lookahead_"))
         extra = {"betas": betas} if info.has_betas and info.num_betas == len(betas) else {}
         return timm.optim.create_optimizer_v2(
             groups, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum, **extra

@@ -1,16 +1,18 @@
 """Per-iteration learning-rate schedules that match the seed's curves step for step.
 
-The learning rate of optimizer step k (k = 0, 1, ...) is `base_lr * lr_factor(k)`. Warmup, if any, takes
-the first `warmup_epochs * steps_per_epoch` steps (Tw); the main schedule the rest, on its own clock
-t = k - Tw, with T = (epochs - warmup_epochs) * steps_per_epoch steps.
+The learning rate of optimizer step k (k = 0, 1, ...) is `base_lr * curve(k)`. Warmup, if any, takes the
+first `warmup_epochs * steps_per_epoch` steps (Tw); the main schedule the rest, on its own clock t = k - Tw,
+with T = (epochs - warmup_epochs) * steps_per_epoch steps.
 
 - warmup linear: start + (1 - start) * k / Tw;  exponential: start + (1 - start) * (k / Tw) ** exponent
   (the seed multiplied the exponential warmup by the base learning rate a second time; we do not).
 - constant: 1.  linear: 1 + (min - 1) * t / T.  cosine: min + (1 - min) * (1 + cos(pi * t / T)) / 2.
 - multistep: times `decay` for each milestone passed. Milestones are epochs of the main schedule, counted
-  from the end of warmup, as in the seed (they are the same as epochs of training when there is no warmup).
+  from the end of warmup, as in the seed. A milestone at or after the end never takes effect (as with torch's
+  MultiStepLR): the recipe loads, with a warning, so a shortened recipe still runs.
 - sgdr (Loshchilov & Hutter, https://arxiv.org/abs/1608.03983): cosine restarted at the end of each period;
-  periods are T0, T0 * T_mul, T0 * T_mul**2, ... epochs and must add up to the main schedule exactly.
+  periods are T0, int(T0 * T_mul), int(int(T0 * T_mul) * T_mul), ... epochs (T_mul may be fractional, as in
+  the seed). A last period that training ends inside is cut short, with a warning.
 
 Conventions copied from the seed (its piecewise scheduler evaluated by LambdaLR, stepped after every
 optimizer step): step k's factor is computed at k, and where one piece meets the next the earlier piece
@@ -29,31 +31,108 @@ from dataclasses import dataclass
 
 import torch
 
-from cifar_train.errors import UserError, did_you_mean
+from .errors import UserError
+from .recipe import Findings, check_fields
 
-__all__ = ["SCHEDULE_NAMES", "WARMUP_NAMES", "build_lr_scheduler", "lr_factor"]
-
-SCHEDULE_NAMES = ("constant", "multistep", "linear", "cosine", "sgdr")
-WARMUP_NAMES = ("none", "linear", "exponential")
+__all__ = ["ScheduleCurve", "check_schedule", "create_scheduler", "schedule_curve"]
 
 
-def _sgdr_periods(t0: int, t_mul: int, epochs: int) -> list[int]:
-    """SGDR's periods in epochs, T0, T0 * T_mul, ..., until they cover at least `epochs`."""
+def _sgdr_periods(t0: int, t_mul: float, epochs: int) -> list[int]:
+    """SGDR's periods in epochs, T0, int(T0 * T_mul), ..., until they cover at least `epochs`."""
     periods = [t0]
     while sum(periods) < epochs:
-        periods.append(periods[-1] * t_mul)
+        periods.append(max(1, int(periods[-1] * t_mul)))
     return periods
 
 
+def check_schedule(
+    *,
+    epochs: int,
+    name: str = "multistep",
+    milestones: Sequence[int] = (80, 120),
+    decay: float = 0.1,
+    min_factor: float = 1e-3,
+    sgdr_t0: int = 10,
+    sgdr_t_mul: float = 1.0,
+    warmup: str = "none",
+    warmup_epochs: int = 0,
+    warmup_start_factor: float = 1e-3,
+    warmup_exponent: float = 4.0,
+) -> Findings:
+    """The schedule's rules: raises UserError on a contradiction; reports ignored settings and warnings."""
+    check_fields("train", {"epochs": epochs})
+    check_fields(
+        "schedule",
+        dict(
+            name=name,
+            milestones=milestones,
+            decay=decay,
+            min_factor=min_factor,
+            sgdr_t0=sgdr_t0,
+            sgdr_t_mul=sgdr_t_mul,
+            warmup=warmup,
+            warmup_epochs=warmup_epochs,
+            warmup_start_factor=warmup_start_factor,
+            warmup_exponent=warmup_exponent,
+        ),
+    )
+    found = Findings()
+    if name == "multistep":
+        ms = list(milestones)
+        if ms != sorted(set(ms)) or any(m < 1 for m in ms):
+            raise UserError(f"schedule.milestones = {ms!r} must be strictly increasing epochs >= 1")
+    else:
+        found.ignored["schedule.milestones"] = found.ignored["schedule.decay"] = f"only multistep uses it, not {name!r}"
+    if name not in ("linear", "cosine", "sgdr"):
+        found.ignored["schedule.min_factor"] = f"only linear, cosine and sgdr use it, not {name!r}"
+    if name != "sgdr":
+        found.ignored["schedule.sgdr_t0"] = found.ignored["schedule.sgdr_t_mul"] = f"only sgdr uses it, not {name!r}"
+    has_warmup = warmup != "none" and warmup_epochs > 0
+    if warmup == "none":
+        for key in ("warmup_epochs", "warmup_start_factor", "warmup_exponent"):
+            found.ignored[f"schedule.{key}"] = "schedule.warmup = 'none'"
+    elif warmup_epochs == 0:
+        for key in ("warmup", "warmup_start_factor", "warmup_exponent"):
+            found.ignored[f"schedule.{key}"] = "schedule.warmup_epochs = 0"
+    elif warmup == "linear":
+        found.ignored["schedule.warmup_exponent"] = "only exponential warmup uses it"
+
+    main_epochs = epochs - (warmup_epochs if has_warmup else 0)
+    if has_warmup and main_epochs <= 0:
+        found.warnings.append(
+            f"schedule.warmup_epochs = {warmup_epochs} is not shorter than train.epochs = {epochs}: the whole run is "
+            "warmup and the lr never reaches optim.lr; lower schedule.warmup_epochs to change that"
+        )
+    elif name == "multistep":
+        late = [m for m in milestones if m >= main_epochs]
+        if late:
+            where = f"the last epoch ({main_epochs}" + (" after warmup)" if has_warmup else ")")
+            found.warnings.append(
+                f"schedule.milestones {', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} at or after "
+                f"{where}: the lr will not drop there; set schedule.milestones to change that"
+            )
+    elif name == "sgdr":
+        periods = _sgdr_periods(sgdr_t0, sgdr_t_mul, main_epochs)
+        if sum(periods) != main_epochs:
+            start = sum(periods[:-1])
+            found.warnings.append(
+                f"the last SGDR period ({periods[-1]} epochs from epoch {start}) is cut short by the end of training "
+                f"at epoch {main_epochs}: the lr will not reach its minimum; periods end at epochs "
+                f"{', '.join(str(sum(periods[: i + 1])) for i in range(len(periods)))}"
+            )
+    return found
+
+
 @dataclass(frozen=True)
-class _Curve:
-    """A validated schedule in steps; calling it gives the factor of one step."""
+class ScheduleCurve:
+    """A checked schedule in optimizer steps; calling it gives the factor of one step."""
 
     name: str
     warmup: str
     warmup_steps: int  # Tw
-    main_steps: int  # T
+    main_steps: int  # T (0 when warmup takes the whole run)
     boundaries: tuple[int, ...]  # multistep: milestones; sgdr: cycle starts (from 0); steps on the main clock
+    period_ends: tuple[int, ...]  # sgdr: each cycle's end on the main clock (the last may lie past T)
     decay: float
     min_factor: float
     warmup_start_factor: float
@@ -80,85 +159,64 @@ class _Curve:
         # sgdr: the cycle whose (start, end] holds t; the first cycle also holds t = 0
         cycle = max(bisect.bisect_left(self.boundaries, t) - 1, 0)
         start = self.boundaries[cycle]
-        end = self.boundaries[cycle + 1] if cycle + 1 < len(self.boundaries) else self.main_steps
-        return self._cosine(t - start, end - start)
+        return self._cosine(t - start, self.period_ends[cycle] - start)
 
     def _cosine(self, t: int, period: int) -> float:
         return self.min_factor + (1 - self.min_factor) * (1 + math.cos(math.pi * t / period)) / 2
 
 
-def _curve(
+def schedule_curve(
     *,
     steps_per_epoch: int,
     epochs: int,
-    name: str,
-    milestones: Sequence[int],
-    decay: float,
-    min_factor: float,
-    sgdr_t0: int,
-    sgdr_t_mul: int,
-    warmup: str,
-    warmup_epochs: int,
-    warmup_start_factor: float,
-    warmup_exponent: float,
-) -> _Curve:
-    """Check every argument (UserError naming the bad value) and build the curve."""
-    if name not in SCHEDULE_NAMES:
-        raise UserError(
-            f"unknown schedule {name!r}{did_you_mean(name, SCHEDULE_NAMES)}; choose one of {', '.join(SCHEDULE_NAMES)}"
-        )
-    if warmup not in WARMUP_NAMES:
-        raise UserError(
-            f"unknown warmup {warmup!r}{did_you_mean(warmup, WARMUP_NAMES)}; choose one of {', '.join(WARMUP_NAMES)}"
-        )
+    name: str = "multistep",
+    milestones: Sequence[int] = (80, 120),
+    decay: float = 0.1,
+    min_factor: float = 1e-3,
+    sgdr_t0: int = 10,
+    sgdr_t_mul: float = 1.0,
+    warmup: str = "none",
+    warmup_epochs: int = 0,
+    warmup_start_factor: float = 1e-3,
+    warmup_exponent: float = 4.0,
+) -> ScheduleCurve:
+    """The factor on the base lr per optimizer step; the reference definition (see the module docstring).
+
+    `milestones`, `sgdr_t0` and `warmup_epochs` are in epochs; `steps_per_epoch` counts optimizer steps.
+    """
     if steps_per_epoch < 1:
         raise UserError(f"steps_per_epoch = {steps_per_epoch} must be >= 1")
-    if epochs < 1:
-        raise UserError(f"epochs = {epochs} must be >= 1")
-    if not 0 <= warmup_epochs < epochs:
-        raise UserError(f"warmup_epochs = {warmup_epochs} must be in [0, epochs - 1 = {epochs - 1}]")
-    if (warmup == "none") != (warmup_epochs == 0):
-        raise UserError(
-            f"warmup = {warmup!r} with warmup_epochs = {warmup_epochs} contradict: "
-            "warmup 'none' needs warmup_epochs = 0, and 'linear' or 'exponential' need warmup_epochs >= 1"
-        )
-    if not 0.0 <= warmup_start_factor <= 1.0:
-        raise UserError(f"warmup_start_factor = {warmup_start_factor} must be in [0, 1]")
-    if not warmup_exponent > 0.0:
-        raise UserError(f"warmup_exponent = {warmup_exponent} must be > 0")
-    if not 0.0 <= min_factor <= 1.0:
-        raise UserError(f"min_factor = {min_factor} must be in [0, 1]")
-    if not 0.0 < decay <= 1.0:
-        raise UserError(f"decay = {decay} must be in (0, 1]")
-
-    main_epochs = epochs - warmup_epochs
-    boundaries: tuple[int, ...] = ()
-    if name == "multistep":
-        ms = list(milestones)
-        if ms != sorted(set(ms)) or any(not 0 < m < main_epochs for m in ms):
-            raise UserError(
-                f"milestones = {ms!r} must be strictly increasing epochs between 1 and {main_epochs - 1} "
-                f"(epochs - warmup_epochs - 1; milestones count from the end of warmup)"
-            )
-        boundaries = tuple(m * steps_per_epoch for m in ms)
-    elif name == "sgdr":
-        if sgdr_t0 < 1 or sgdr_t_mul < 1:
-            raise UserError(f"sgdr_t0 = {sgdr_t0} and sgdr_t_mul = {sgdr_t_mul} must both be >= 1")
-        periods = _sgdr_periods(sgdr_t0, sgdr_t_mul, main_epochs)
-        if sum(periods) != main_epochs:
-            ends = [sum(periods[: i + 1]) for i in range(len(periods))]
-            raise UserError(
-                f"SGDR periods (sgdr_t0 = {sgdr_t0}, sgdr_t_mul = {sgdr_t_mul}) end at epochs "
-                f"{', '.join(map(str, ends))}, not at epochs - warmup_epochs = {main_epochs}; "
-                "make epochs - warmup_epochs one of those"
-            )
-        boundaries = tuple(steps_per_epoch * sum(periods[:i]) for i in range(len(periods)))
-    return _Curve(
+    check_schedule(
+        epochs=epochs,
         name=name,
+        milestones=milestones,
+        decay=decay,
+        min_factor=min_factor,
+        sgdr_t0=sgdr_t0,
+        sgdr_t_mul=sgdr_t_mul,
         warmup=warmup,
+        warmup_epochs=warmup_epochs,
+        warmup_start_factor=warmup_start_factor,
+        warmup_exponent=warmup_exponent,
+    )
+    has_warmup = warmup != "none" and warmup_epochs > 0
+    warmup_epochs = warmup_epochs if has_warmup else 0
+    main_epochs = max(epochs - warmup_epochs, 0)
+    boundaries: tuple[int, ...] = ()
+    period_ends: tuple[int, ...] = ()
+    if name == "multistep":
+        boundaries = tuple(m * steps_per_epoch for m in milestones)
+    elif name == "sgdr" and main_epochs > 0:
+        periods = _sgdr_periods(sgdr_t0, sgdr_t_mul, main_epochs)
+        boundaries = tuple(steps_per_epoch * sum(periods[:i]) for i in range(len(periods)))
+        period_ends = tuple(steps_per_epoch * sum(periods[: i + 1]) for i in range(len(periods)))
+    return ScheduleCurve(
+        name=name,
+        warmup=warmup if has_warmup else "none",
         warmup_steps=warmup_epochs * steps_per_epoch,
         main_steps=main_epochs * steps_per_epoch,
         boundaries=boundaries,
+        period_ends=period_ends,
         decay=decay,
         min_factor=min_factor,
         warmup_start_factor=warmup_start_factor,
@@ -166,79 +224,17 @@ def _curve(
     )
 
 
-def lr_factor(
-    step: int,
-    *,
-    steps_per_epoch: int,
-    epochs: int,
-    name: str,
-    milestones: Sequence[int] = (),
-    decay: float = 0.1,
-    min_factor: float = 1e-3,
-    sgdr_t0: int = 10,
-    sgdr_t_mul: int = 1,
-    warmup: str = "none",
-    warmup_epochs: int = 0,
-    warmup_start_factor: float = 1e-3,
-    warmup_exponent: float = 4.0,
-) -> float:
-    """The factor on the base learning rate for optimizer step `step` (from 0); the reference definition.
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, **schedule
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR giving `schedule_curve(...)`; call its `step()` once after every optimizer step.
 
-    `milestones`, `sgdr_t0` and `warmup_epochs` are in epochs; see the module docstring for the formulas.
+    `schedule` is the `[schedule]` section's keywords (`section_kwargs(recipe.schedule)`). On creation each
+    group's lr is set to its base lr times the factor of step 0. The state dict holds the position
+    (`last_epoch`) and the base learning rates only, not the schedule's settings, which come from the recipe
+    on resume.
     """
-    curve = _curve(
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        name=name,
-        milestones=milestones,
-        decay=decay,
-        min_factor=min_factor,
-        sgdr_t0=sgdr_t0,
-        sgdr_t_mul=sgdr_t_mul,
-        warmup=warmup,
-        warmup_epochs=warmup_epochs,
-        warmup_start_factor=warmup_start_factor,
-        warmup_exponent=warmup_exponent,
-    )
-    return curve(step)
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    steps_per_epoch: int,
-    epochs: int,
-    name: str,
-    milestones: Sequence[int] = (),
-    decay: float = 0.1,
-    min_factor: float = 1e-3,
-    sgdr_t0: int = 10,
-    sgdr_t_mul: int = 1,
-    warmup: str = "none",
-    warmup_epochs: int = 0,
-    warmup_start_factor: float = 1e-3,
-    warmup_exponent: float = 4.0,
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """A LambdaLR giving `lr_factor`'s curve; call its `step()` once after every optimizer step.
-
-    `steps_per_epoch` counts optimizer steps (after gradient accumulation). On creation each group's lr is
-    set to its base lr times the factor of step 0. The state dict holds the position (`last_epoch`) and the
-    base learning rates only, not the schedule's settings, which come from the recipe on resume.
-    """
-    curve = _curve(
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        name=name,
-        milestones=milestones,
-        decay=decay,
-        min_factor=min_factor,
-        sgdr_t0=sgdr_t0,
-        sgdr_t_mul=sgdr_t_mul,
-        warmup=warmup,
-        warmup_epochs=warmup_epochs,
-        warmup_start_factor=warmup_start_factor,
-        warmup_exponent=warmup_exponent,
-    )
+    curve = schedule_curve(steps_per_epoch=steps_per_epoch, epochs=epochs, **schedule)
 
     # A plain function, not the curve object: LambdaLR would otherwise save the curve's fields in its state
     # dict and, on load, silently replace the recipe's schedule with the checkpoint's.

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar_train.augment import BatchAugment, normalize
+from cifar_train.errors import UserError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalised value = pixel / 255
@@ -189,14 +190,14 @@ def test_ricap_weights_equal_patch_areas_and_sum_to_one(smoothing: float) -> Non
 def test_dual_cutout_returns_two_independent_views_of_one_crop() -> None:
     torch.manual_seed(0)
     batch = 2000
-    cropped = BatchAugment(num_classes=10, cutout=16, dual_cutout=True, label_smoothing=0.1, **IDENTITY)
+    cropped = BatchAugment(num_classes=10, cutout=16, dual_cutout_alpha=0.1, label_smoothing=0.1, **IDENTITY)
     out, targets = cropped(_coordinate_images(batch), torch.arange(batch) % 10)
     assert out.shape == (2 * batch, 3, 32, 32) and torch.equal(targets[:batch], targets[batch:])
     kept = (out[:batch] != 0).all(dim=1, keepdim=True) & (out[batch:] != 0).all(dim=1, keepdim=True)
     assert torch.equal(out[:batch] * kept, out[batch:] * kept)  # one crop and flip, seen through two masks
 
     images = torch.full((batch, 3, 32, 32), 255, dtype=torch.uint8)
-    plain = BatchAugment(num_classes=10, cutout=16, dual_cutout=True, **PLAIN, **IDENTITY)
+    plain = BatchAugment(num_classes=10, cutout=16, dual_cutout_alpha=0.1, **PLAIN, **IDENTITY)
     out, _ = plain(images, torch.arange(batch) % 10)
     first, second = out[:batch], out[batch:]
     cut_first = (first == 0).all(dim=1).flatten(1).double()
@@ -217,7 +218,7 @@ def test_dual_cutout_returns_two_independent_views_of_one_crop() -> None:
         {"mix": "mixup", "label_smoothing": 0.1},
         {"mix": "cutmix"},
         {"mix": "ricap", "random_crop": False},
-        {"cutout": 16, "dual_cutout": True},
+        {"cutout": 16, "dual_cutout_alpha": 0.1},
     ],
 )
 def test_seeded_runs_repeat_exactly_and_return_soft_targets(device: str, options: dict) -> None:
@@ -231,7 +232,7 @@ def test_seeded_runs_repeat_exactly_and_return_soft_targets(device: str, options
         runs.append(augment(images, labels))
     (out, targets), (again, targets_again) = runs
     assert torch.equal(out, again) and torch.equal(targets, targets_again)
-    views = 2 if options.get("dual_cutout") else 1
+    views = 2 if options.get("dual_cutout_alpha") else 1
     assert out.shape == (32 * views, 3, 32, 32) and out.dtype == torch.float32 and out.device.type == device
     assert targets.shape == (32 * views, 10) and targets.dtype == torch.float32
     assert torch.allclose(targets.sum(dim=1), torch.ones(32 * views, device=device), atol=1e-5)
@@ -255,17 +256,18 @@ def test_normalize_matches_the_formula() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"mix": "mixupp"}, r"mix 'mixupp' is not one of none, mixup, cutmix, ricap"),
-        ({"crop_padding_mode": "wrap"}, r"crop_padding_mode 'wrap' is not one of constant, reflect, edge"),
-        ({"dual_cutout": True}, r"dual_cutout needs cutout > 0"),
-        ({"dual_cutout": True, "cutout": 16, "mix": "ricap"}, r"dual_cutout cannot be combined with mix='ricap'"),
-        ({"cutout_prob": 1.5}, r"cutout_prob must be in \[0, 1\], got 1.5"),
-        ({"random_erasing_area": (0.5, 0.2)}, r"random_erasing_area .* got \(0.5, 0.2\)"),
-        ({"ricap_beta": 0.0}, r"ricap_beta must be > 0, got 0.0"),
+        ({"mix": "mixupp"}, r'augment.mix = "mixupp" is not allowed; choose one of "none", "mixup", "cutmix", "ricap"'),
+        ({"crop_padding_mode": "wrap"}, r'augment.crop_padding_mode = "wrap" is not allowed'),
+        ({"dual_cutout_alpha": 0.1}, r"augment.dual_cutout_alpha > 0 \(Dual-Cutout\) needs a Cutout size"),
+        ({"dual_cutout_alpha": 0.1, "cutout": 16, "mix": "ricap"}, r"cannot be combined with augment.mix = 'ricap'"),
+        ({"cutout_prob": 1.5}, r"augment.cutout_prob = 1.5 is out of range; it must be <= 1"),
+        ({"random_erasing_area": (0.5, 0.2)}, r"augment.random_erasing_area = \[0.5, 0.2\] must be \[min, max\]"),
+        ({"ricap_beta": 0.0}, r"augment.ricap_beta = 0.0 is out of range; it must be > 0"),
     ],
 )
 def test_bad_settings_name_the_value(options: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    """The component's own checks are the recipe's: the same message, with the recipe key, either way."""
+    with pytest.raises(UserError, match=message):
         BatchAugment(num_classes=10, **IDENTITY, **options)
 
 

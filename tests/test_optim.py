@@ -191,7 +191,8 @@ def test_every_optimizer_builds_steps_and_learns(name):
         ("adaboundw", AdaBound, lambda o: o.defaults["decoupled_weight_decay"] and o.defaults["final_lr"] == 0.05),
         ("adabound", AdaBound, lambda o: not o.defaults["decoupled_weight_decay"]),
         ("amsgrad", torch.optim.Adam, lambda o: o.defaults["amsgrad"] and o.defaults["betas"] == (0.8, 0.99)),
-        ("adamw", torch.optim.AdamW, lambda o: o.defaults["weight_decay"] == 5e-4),
+        ("adamw", torch.optim.AdamW, lambda o: o.defaults["weight_decay"] == 1e-4 and o.defaults["fused"]),  # schema's
+        ("sgd", torch.optim.SGD, lambda o: o.defaults["fused"] and o.defaults["nesterov"]),  # one fused kernel a step
         ("lamb", timm.optim.Lamb, lambda o: o.defaults["betas"] == (0.8, 0.99)),
     ],
 )
@@ -204,7 +205,7 @@ def test_unknown_optimizer_names_ours_and_points_at_timm():
     with pytest.raises(UserError) as err:
         create_optimizer(TinyNet(), name="sgdd", lr=0.1)
     text = str(err.value)
-    assert "unknown optimizer 'sgdd' (did you mean 'sgd'?)" in text
+    assert "unknown optim.name 'sgdd' (did you mean 'sgd'?)" in text
     assert ", ".join(OWN_OPTIMIZER_NAMES) in text and "timm.optim.list_optimizers()" in text
     with pytest.raises(UserError, match="did you mean 'adaboundw'"):
         create_optimizer(TinyNet(), name="AdaBoundW", lr=0.1)

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from cifar_train.errors import UserError
-from cifar_train.schedule import SCHEDULE_NAMES, WARMUP_NAMES, build_lr_scheduler, lr_factor
+from cifar_train.recipe import SCHEDULES, WARMUPS
+from cifar_train.schedule import check_schedule, create_scheduler, schedule_curve
+
+
+def lr_factor(step: int, **cfg) -> float:
+    return schedule_curve(**cfg)(step)
 
 
 def _cos(m: float, t: float, period: float) -> float:
@@ -56,7 +61,7 @@ def seed_reference(
         period, used = sgdr_t0, 0
         while used < main:
             pieces.append((period * spe, lambda s, n=period * spe: _cos(m, s, n)))
-            used, period = used + period, period * sgdr_t_mul
+            used, period = used + period, max(1, int(period * sgdr_t_mul))
     offsets = [0]
     for length, _ in pieces:
         offsets.append(offsets[-1] + length)
@@ -74,6 +79,8 @@ CONFIGS = [
     dict(steps_per_epoch=3, epochs=11, name="cosine", warmup="linear", warmup_epochs=1, warmup_start_factor=0.1),
     dict(steps_per_epoch=4, epochs=9, name="sgdr", sgdr_t0=3, sgdr_t_mul=1),
     dict(steps_per_epoch=2, epochs=16, name="sgdr", sgdr_t0=1, sgdr_t_mul=2, warmup="linear", warmup_epochs=1),
+    dict(steps_per_epoch=3, epochs=35, name="sgdr", sgdr_t0=10, sgdr_t_mul=1.5),  # periods 10, 15, 22 (cut short)
+    dict(steps_per_epoch=4, epochs=10, name="multistep", milestones=[4, 12], decay=0.5),  # 12: past the end
     dict(steps_per_epoch=3, epochs=6, name="constant", warmup="exponential", warmup_epochs=2, warmup_exponent=2.0),
 ]
 
@@ -154,7 +161,7 @@ def _model_and_optimizer(base_lrs=(0.1, 0.02)):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['name']}-{c.get('warmup', 'none')}")
 def test_scheduler_lr_after_k_steps_is_lr_factor_k(cfg):
     _, optimizer = _model_and_optimizer()
-    scheduler = build_lr_scheduler(optimizer, **cfg)
+    scheduler = create_scheduler(optimizer, **cfg)
     for k in range(cfg["steps_per_epoch"] * cfg["epochs"] + 1):
         f = lr_factor(k, **cfg)
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1 * f, 0.02 * f], rel=1e-12), k
@@ -166,14 +173,14 @@ def test_scheduler_lr_after_k_steps_is_lr_factor_k(cfg):
 def test_scheduler_state_round_trip_resumes_exactly(tmp_path):
     cfg = dict(steps_per_epoch=6, epochs=10, name="sgdr", sgdr_t0=3, sgdr_t_mul=2, warmup="linear", warmup_epochs=1)
     _, opt_a = _model_and_optimizer()
-    sched_a = build_lr_scheduler(opt_a, **cfg)
+    sched_a = create_scheduler(opt_a, **cfg)
     for _ in range(23):
         opt_a.step()
         sched_a.step()
     torch.save({"opt": opt_a.state_dict(), "sched": sched_a.state_dict()}, tmp_path / "state.pt")
 
     _, opt_b = _model_and_optimizer()
-    sched_b = build_lr_scheduler(opt_b, **cfg)
+    sched_b = create_scheduler(opt_b, **cfg)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["sched"]["lr_lambdas"] == [None, None]  # the schedule's settings are not in the checkpoint
     opt_b.load_state_dict(state["opt"])
@@ -191,7 +198,7 @@ def test_scheduler_state_round_trip_resumes_exactly(tmp_path):
 def test_exponential_warmup_is_not_multiplied_by_base_lr_twice():
     _, optimizer = _model_and_optimizer()
     cfg = dict(steps_per_epoch=2, epochs=5, name="constant", warmup="exponential", warmup_epochs=2)
-    scheduler = build_lr_scheduler(optimizer, **cfg)
+    scheduler = create_scheduler(optimizer, **cfg)
     for _ in range(4):
         optimizer.step()
         scheduler.step()
@@ -201,19 +208,16 @@ def test_exponential_warmup_is_not_multiplied_by_base_lr_twice():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(name="cosin"), "unknown schedule 'cosin' (did you mean 'cosine'?)"),
-        (dict(name="step"), "choose one of " + ", ".join(SCHEDULE_NAMES)),
-        (dict(name="cosine", warmup="lineer"), "unknown warmup 'lineer' (did you mean 'linear'?)"),
-        (dict(name="cosine", warmup="ramp", warmup_epochs=1), "choose one of " + ", ".join(WARMUP_NAMES)),
-        (dict(name="multistep", milestones=[8, 4]), "milestones = [8, 4] must be strictly increasing"),
-        (dict(name="multistep", milestones=[4, 10]), "between 1 and 9"),
-        (dict(name="multistep", milestones=[8], warmup="linear", warmup_epochs=3), "between 1 and 6"),
-        (dict(name="sgdr", sgdr_t0=3, sgdr_t_mul=2), "end at epochs 3, 9, 21, not at epochs - warmup_epochs = 10"),
-        (dict(name="cosine", warmup="none", warmup_epochs=2), "warmup = 'none' with warmup_epochs = 2 contradict"),
-        (dict(name="cosine", warmup="linear", warmup_epochs=0), "warmup = 'linear' with warmup_epochs = 0"),
-        (dict(name="cosine", warmup="linear", warmup_epochs=10), "warmup_epochs = 10 must be in [0, epochs - 1 = 9]"),
-        (dict(name="cosine", min_factor=1.5), "min_factor = 1.5 must be in [0, 1]"),
-        (dict(name="multistep", decay=0.0), "decay = 0.0 must be in (0, 1]"),
+        (dict(name="cosin"), 'schedule.name = "cosin" is not allowed; choose one of'),
+        (dict(name="cosin"), "(did you mean 'cosine'?)"),
+        (dict(name="step"), ", ".join(f'"{name}"' for name in SCHEDULES)),
+        (dict(name="cosine", warmup="lineer"), "(did you mean 'linear'?)"),
+        (dict(name="cosine", warmup="ramp", warmup_epochs=1), ", ".join(f'"{name}"' for name in WARMUPS)),
+        (dict(name="multistep", milestones=[8, 4]), "schedule.milestones = [8, 4] must be strictly increasing"),
+        (dict(name="multistep", milestones=[0, 4]), "epochs >= 1"),
+        (dict(name="cosine", min_factor=1.5), "schedule.min_factor = 1.5 is out of range; it must be <= 1"),
+        (dict(name="multistep", decay=0.0), "schedule.decay = 0.0 is out of range; it must be > 0"),
+        (dict(name="sgdr", sgdr_t_mul=0.5), "schedule.sgdr_t_mul = 0.5 is out of range; it must be >= 1"),
         (dict(name="cosine", steps_per_epoch=0), "steps_per_epoch = 0 must be >= 1"),
     ],
 )
@@ -224,7 +228,50 @@ def test_bad_settings_raise_user_error(kwargs, message):
     assert message in str(err.value)
     _, optimizer = _model_and_optimizer()
     with pytest.raises(UserError):
-        build_lr_scheduler(optimizer, **kwargs)
+        create_scheduler(optimizer, **kwargs)
+
+
+def test_milestones_after_the_end_are_kept_with_a_warning_and_never_drop_the_lr():
+    found = check_schedule(epochs=10, name="multistep", milestones=(4, 10, 150))
+    (warning,) = found.warnings
+    assert "schedule.milestones 10, 150 are at or after the last epoch (10)" in warning
+    assert "the lr will not drop" in warning
+    cfg = dict(steps_per_epoch=3, epochs=10, name="multistep", milestones=[4, 10, 150])
+    assert [lr_factor(k, **cfg) for k in range(13, 31)] == pytest.approx([0.1] * 18)  # only milestone 4 acts
+
+
+def test_sgdr_periods_follow_a_fractional_t_mul_and_a_cut_short_last_period_is_a_warning():
+    cfg = dict(steps_per_epoch=1, epochs=35, name="sgdr", sgdr_t0=10, sgdr_t_mul=1.5, min_factor=0.0)
+    curve = schedule_curve(**cfg)
+    assert curve.boundaries == (0, 10, 25) and curve.period_ends == (10, 25, 47)  # 10, int(15.0), int(22.5)
+    assert lr_factor(25, **cfg) == pytest.approx(0.0, abs=1e-15)  # the second period ends at its minimum
+    assert lr_factor(35, **cfg) == pytest.approx(_cos(0.0, 10, 22))  # the third is cut short, not squeezed
+    (warning,) = check_schedule(epochs=35, name="sgdr", sgdr_t0=10, sgdr_t_mul=1.5).warnings
+    assert "the last SGDR period (22 epochs from epoch 25) is cut short" in warning
+    assert check_schedule(epochs=25, name="sgdr", sgdr_t0=10, sgdr_t_mul=1.5).warnings == []
+
+
+def test_warmup_longer_than_training_is_a_warning_and_the_whole_run_warms_up():
+    (warning,) = check_schedule(epochs=2, name="cosine", warmup="linear", warmup_epochs=5).warnings
+    assert "the whole run is warmup" in warning
+    cfg = dict(steps_per_epoch=2, epochs=2, name="cosine", warmup="linear", warmup_epochs=5, warmup_start_factor=0.1)
+    assert lr_factor(4, **cfg) == pytest.approx(0.1 + 0.9 * 4 / 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ignored"),
+    [
+        (dict(name="cosine"), {"schedule.milestones", "schedule.decay", "schedule.sgdr_t0", "schedule.sgdr_t_mul"}),
+        (dict(name="multistep"), {"schedule.min_factor", "schedule.sgdr_t0"}),
+        (dict(name="cosine", warmup="none", warmup_epochs=2), {"schedule.warmup_epochs"}),
+        (dict(name="cosine", warmup="linear", warmup_epochs=0), {"schedule.warmup"}),
+        (dict(name="cosine", warmup="linear", warmup_epochs=1), {"schedule.warmup_exponent"}),
+    ],
+)
+def test_settings_without_effect_are_named(kwargs, ignored):
+    found = check_schedule(epochs=10, **kwargs)
+    assert ignored <= set(found.ignored)
+    assert "schedule.name" not in found.ignored
 
 
 def test_negative_step_is_a_value_error():
