@@ -13,6 +13,7 @@ from .recipe import Recipe, load_recipe
 __all__ = [
     "Recipe",
     "UserError",
+    "build_augment",
     "build_model",
     "build_optimizer",
     "build_scheduler",
@@ -24,10 +25,14 @@ __all__ = [
 
 def __getattr__(name: str):
     # The heavier pieces (timm, accelerate, datasets) load on first use, keeping `import cifar_train` light.
-    if name in ("build_model", "build_optimizer", "build_scheduler", "train"):
-        from . import loop
+    if name in ("build_model", "build_optimizer", "build_scheduler", "build_augment"):
+        from . import components
 
-        return getattr(loop, name)
+        return getattr(components, name)
+    if name == "train":
+        from .loop import train
+
+        return train
     if name == "evaluate":
         from .evaluation import evaluate
 

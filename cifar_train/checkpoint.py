@@ -43,9 +43,7 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss (nonfinite_loss = "skip")
     elapsed_seconds: float = 0.0  # training time before this checkpoint
     best_val_acc1: float = 0.0
-    epoch_loss_sum: float = 0.0  # this process's running train loss x images in the current epoch
-    epoch_correct_sum: float = 0.0
-    epoch_seen: int = 0
+    running: dict[str, Any] = field(default_factory=dict)  # this process's `RunningMetrics` of the current epoch
     scheduler: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,10 +1,15 @@
-"""`train_accelerate.py`: the command line over `cifar_train.train`.
+"""The command lines, and the one error wrapper every entry point shares.
 
     python train_accelerate.py recipes/quickstart.toml
     accelerate launch train_accelerate.py recipes/wrn_ricap.toml --set train.epochs=10
+    python train_accelerate.py recipes/wrn_ricap.toml --dry-run      # check everything, print the plan, write nothing
     python train_accelerate.py --resume runs/wrn_ricap
+    python train_accelerate.py --show-defaults                       # every recipe key, its default and meaning
+    python evaluate.py runs/wrn_ricap --tta flip
 
-Bad input is one line on stderr and exit status 2 (a traceback only with --debug).
+Bad input is one line on stderr and exit status 2; a non-finite loss exits 3, an interruption 128 + the
+signal. `--debug` prints the traceback first, then exits with the same status. Arguments are parsed before
+torch is imported, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -13,19 +18,58 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import UserError
-from .recipe import Recipe, load_recipe
+from .errors import Interrupted, NonFiniteLoss, UserError
 
-__all__ = ["main"]
+__all__ = ["evaluate_main", "guarded", "main"]
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(text: str) -> None:
+    if _is_main_process():
+        print(text, file=sys.stderr)
+
+
+def guarded(body: Callable[[], int], *, debug: bool = False) -> int:
+    """Run an entry point's body; turn the exceptions a user meets into one line and an exit status."""
+    try:
+        return body()
+    except (UserError, NonFiniteLoss) as err:
+        status = 2 if isinstance(err, UserError) else 3
+        message = f"error: {' '.join(str(err).split())}"  # always one line
+        shown = err
+    except Interrupted as stop:
+        status = 128 + stop.signum
+        where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
+        run_dir = stop.checkpoint.parent.parent if stop.checkpoint else None
+        again = f"; continue with: python train_accelerate.py --resume {run_dir}" if run_dir else ""
+        message = f"interrupted by {signal.Signals(stop.signum).name}{where}{again}"
+        shown = stop
+    except KeyboardInterrupt as interrupt:  # SIGINT outside the training loop (loading data, exporting)
+        status = 128 + signal.SIGINT
+        message = "error: interrupted by SIGINT; a run directory keeps its newest complete checkpoint, if any"
+        shown = interrupt
+    if debug and _is_main_process():
+        traceback.print_exception(shown)
+    _say(message)
+    return status
+
+
+# --------------------------------------------------------------------------------------------------
+# train_accelerate.py
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_accelerate.py",
         description="Train an image classifier from a TOML recipe (runs under python, torchrun or accelerate launch).",
+        epilog="Every recipe key with its default and meaning: train_accelerate.py --show-defaults",
     )
     parser.add_argument("recipe", nargs="?", help="TOML recipe, e.g. recipes/quickstart.toml (optional with --resume)")
     parser.add_argument(
@@ -39,87 +83,94 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--dry-run", action="store_true", help="check everything, print the plan, write nothing")
+    parser.add_argument("--show-defaults", action="store_true", help="print every recipe key with its default")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks")
     return parser
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def _recipe_and_run_dir(args: argparse.Namespace):
+    """The recipe (None when resuming without one) and the run directory, from the command line."""
+    from .recipe import load_recipe
 
+    def read(path: str):
+        return load_recipe(path, args.overrides, on_warning=lambda message: _say(f"warning: {message}"))
 
-def _fail(message: str, status: int) -> int:
-    if _is_main_process():
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)  # always one line
-    return status
-
-
-def _read_recipe(path: str, overrides: Sequence[str]) -> Recipe:
-    if Path(path).is_dir():
-        raise UserError(f"recipe {path!r} is a folder; give a TOML file, e.g. recipes/quickstart.toml")
-    try:
-        return load_recipe(path, overrides)
-    except UnicodeDecodeError as err:
-        raise UserError(f"recipe {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise UserError(f"recipe {path!r} cannot be read: {err.strerror or err}") from None
-
-
-def _recipe_and_run_dir(args: argparse.Namespace) -> tuple[Recipe | None, Path]:
-    """Check the command line and the recipe; only the light recipe module is needed for this."""
     if args.resume:
         run_dir = Path(args.resume)
         if args.output_dir and Path(args.output_dir) != run_dir:
             raise UserError(f"--output-dir {args.output_dir!r} and --resume {args.resume!r} name different runs")
-        if args.overwrite:
-            raise UserError("--resume and --overwrite contradict: resume continues a run, overwrite starts it afresh")
         if args.overrides and not args.recipe:
             raise UserError("--set with --resume needs the recipe too; the resumed run must match it")
-        return (_read_recipe(args.recipe, args.overrides) if args.recipe else None), run_dir
+        return (read(args.recipe) if args.recipe else None), run_dir
     if not args.recipe:
         raise UserError(
             "a recipe is required, e.g. train_accelerate.py recipes/quickstart.toml "
             "(or --resume RUN_DIR to continue a run)"
         )
-    recipe = _read_recipe(args.recipe, args.overrides)
-    return recipe, Path(args.output_dir) if args.output_dir else Path("runs") / Path(args.recipe).stem
+    return read(args.recipe), Path(args.output_dir) if args.output_dir else Path("runs") / Path(args.recipe).stem
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    if args.show_defaults:
+        from .recipe import show_defaults
+
+        print(show_defaults())
+        return 0
+    recipe, run_dir = _recipe_and_run_dir(args)
+    if args.dry_run:
+        from .plan import dry_run
+
+        dry_run(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+        return 0
+    from .loop import train
+
+    train(
+        recipe,
+        run_dir,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        recipe_file=args.recipe,
+        overrides=args.overrides,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:  # bad input answers before the heavy imports (torch, timm, accelerate) below
-        recipe, run_dir = _recipe_and_run_dir(args)
-    except UserError as err:
-        if args.debug:
-            raise
-        return _fail(str(err), 2)
+    return guarded(lambda: _train_command(args), debug=args.debug)
 
-    from .loop import Interrupted, NonFiniteLoss, train
 
-    try:
-        train(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
-    except UserError as err:
-        if args.debug:
-            raise
-        return _fail(str(err), 2)
-    except NonFiniteLoss as err:
-        if args.debug:
-            raise
-        return _fail(str(err), 3)
-    except Interrupted as stop:
-        where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
-        if _is_main_process():
-            print(
-                f"interrupted by {signal.Signals(stop.signum).name}{where}; continue with: "
-                f"python train_accelerate.py --resume {run_dir}",
-                file=sys.stderr,
-            )
-        return 128 + stop.signum
-    except KeyboardInterrupt:  # SIGINT outside the training loop (loading data, exporting)
-        if args.debug:
-            raise
-        return _fail(
-            f"interrupted by SIGINT outside the training loop; {run_dir} keeps its newest complete checkpoint, "
-            "if any (continue with --resume)",
-            128 + signal.SIGINT,
-        )
-    return 0
+# --------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Evaluate a run directory, local-dir:PATH or hf-hub:ID on a dataset split.",
+    )
+    parser.add_argument("source", help="run directory, local-dir:PATH or hf-hub:ID")
+    parser.add_argument("--dataset", help="Hub id, alias or local path (default: the run's recipe)")
+    parser.add_argument("--split", help="split to evaluate (default: the run's validation split, else 'test')")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: flip averages image and mirror")
+    parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl", help="write per-sample predictions")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
+    parser.add_argument(
+        "--out-dir", type=Path, help="where to write the metrics JSON and confusion PNG (default: RUN/eval)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks")
+    return parser
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    args = _evaluate_parser().parse_args(argv)
+
+    def body() -> int:
+        from .evaluation import run_evaluation
+
+        return run_evaluation(args)
+
+    return guarded(body, debug=args.debug)

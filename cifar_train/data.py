@@ -92,6 +92,40 @@ class DecodedSplit:
         return int(self.labels.shape[0])
 
 
+def check_data(
+    *,
+    dataset: str = "cifar10",
+    train_split: str = "train",
+    val_split: str | None = "test",
+    val_fraction: float = 0.0,
+    train_limit: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    pipeline: str = "auto",
+    num_workers: int = 4,
+    image_size: int = 224,
+    eval_resize: int = 256,
+    min_scale: float = 0.08,
+    cache_dir: str | None = None,
+    skip_corrupt: bool = False,
+):
+    """The [data] section's rules that need no data (temporary; the data package replaces it)."""
+    from cifar_train.recipe import Findings
+
+    if val_split and val_fraction > 0:
+        raise UserError(
+            f"data.val_split = {val_split!r} and data.val_fraction = {val_fraction} contradict; "
+            'set data.val_split = "" to hold out a fraction of train, or val_fraction = 0'
+        )
+    if not val_split and val_fraction == 0:
+        raise UserError('data.val_split = "" needs data.val_fraction > 0 (the share of train to hold out)')
+    if pipeline == "streaming" and not val_split:
+        raise UserError('data.pipeline = "streaming" needs a named data.val_split (e.g. "validation")')
+    if eval_resize < image_size:
+        raise UserError(f"data.eval_resize = {eval_resize} must be >= data.image_size = {image_size}")
+    return Findings()
+
+
 # --------------------------------------------------------------------------------------------------
 # Resolving and opening
 
@@ -792,3 +826,92 @@ def streaming_dataset_info(
         mean=mean,
         std=std,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# TEMPORARY shim of the data package's interface (replaced when the data package lands)
+
+
+class _MemoryTrain:
+    def __init__(self, split, augment, *, batch_size, num_replicas, rank, seed, device):
+        self.images, self.labels = split.images.to(device), split.labels.to(device)
+        self.sampler = ShardedBatchSampler(len(split), batch_size, num_replicas=num_replicas, rank=rank, seed=seed)
+        self.augment, self.device, self.batch_size = augment, device, batch_size
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch)
+        order = torch.cat(list(self.sampler)).to(self.device, non_blocking=True) if len(self) else None
+        for b in range(start, len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.augment(self.images.index_select(0, index), self.labels.index_select(0, index))
+
+
+class _MemoryEval:
+    def __init__(self, split, info, *, batch_size, num_replicas, rank, device):
+        n = len(split)
+        shard = torch.arange(n)[rank::num_replicas]
+        per_rank = math.ceil(n / num_replicas)
+        self.num_batches = math.ceil(per_rank / batch_size)
+        padded = torch.zeros(self.num_batches * batch_size, dtype=torch.long)
+        valid = torch.zeros(self.num_batches * batch_size, dtype=torch.bool)
+        padded[: len(shard)], valid[: len(shard)] = shard, True
+        self.index, self.valid = padded.to(device), valid.to(device)
+        self.images, self.labels = split.images.to(device), split.labels.to(device)
+        self.info, self.batch_size, self.num_samples = info, batch_size, n
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        from cifar_train.augment import normalize
+
+        for b in range(self.num_batches):
+            index = self.index[b * self.batch_size : (b + 1) * self.batch_size]
+            valid = self.valid[b * self.batch_size : (b + 1) * self.batch_size]
+            images = normalize(self.images.index_select(0, index), self.info.mean, self.info.std)
+            yield images, self.labels.index_select(0, index), valid
+
+
+@dataclass
+class TrainingData:
+    info: DatasetInfo
+    pipeline: str
+    train: Any = None
+    val: Any = None
+
+    def train_batches(self, augment, *, batch_size, num_replicas, rank, seed, device):
+        return _MemoryTrain(
+            self.train, augment, batch_size=batch_size, num_replicas=num_replicas, rank=rank, seed=seed, device=device
+        )
+
+    def val_batches(self, *, batch_size, num_replicas, rank, device):
+        return _MemoryEval(
+            self.val, self.info, batch_size=batch_size, num_replicas=num_replicas, rank=rank, device=device
+        )
+
+
+def open_training_data(*, seed, say=print, **d):
+    train, val, info = load_dataset_splits(
+        d["dataset"],
+        train_split=d["train_split"],
+        val_split=d["val_split"] or None,
+        val_fraction=d["val_fraction"],
+        image_column=d["image_column"] or None,
+        label_column=d["label_column"] or None,
+        seed=seed,
+        cache_dir=d["cache_dir"] or None,
+        skip_corrupt=d["skip_corrupt"],
+    )
+    if d["train_limit"]:
+        train = DecodedSplit(train.images[: d["train_limit"]], train.labels[: d["train_limit"]])
+    return TrainingData(info, "memory", train, val)
+
+
+def describe_dataset(dataset, *, train_split="train", val_split="test", image_column=None, label_column=None):
+    """TEMPORARY shim: what can be known without writing anything."""
+    if dataset in DATASET_ALIASES or ("/" in dataset and not Path(dataset).exists()):
+        return {"reachable": False, "reason": "offline shim"}
+    return {"reachable": True, "layout": "local", "splits": {}}

@@ -12,13 +12,10 @@ Accuracies, per-class accuracies and the expected calibration error (ECE) are in
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cifar_train.atomic import write_atomic, write_json_atomic, write_text_atomic
 from cifar_train.errors import UserError
 from cifar_train.export import WEIGHTS_FILE
+from cifar_train.losses import classification_sums
 
 __all__ = [
     "ECE_BINS",
@@ -72,15 +71,14 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bi
 def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
     """Loss, top-1, top-5, per-class accuracy, confusion matrix and ECE from log-probabilities `(N, K)`.
 
-    `confusion_matrix[i][j]` counts samples of true class i predicted as class j. A class without samples
-    has per-class accuracy None.
+    Loss and top-1/top-5 come from `classification_sums`, the same function the training loop validates with.
+    `confusion_matrix[i][j]` counts samples of true class i predicted as class j. A class without samples has
+    per-class accuracy None.
     """
     num_samples, num_classes = log_probs.shape
     log_probs, labels = log_probs.double().cpu(), labels.long().cpu()
-    probs = log_probs.exp()
+    loss, top1, top5, count = classification_sums(log_probs, labels).tolist()
     predicted = log_probs.argmax(dim=1)
-    top_k = log_probs.topk(min(5, num_classes), dim=1).indices
-    loss = F.nll_loss(log_probs, labels, reduction="mean") if num_samples else torch.tensor(float("nan"))
     confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
     confusion = confusion.reshape(num_classes, num_classes)
     per_class_total = confusion.sum(dim=1)
@@ -88,13 +86,14 @@ def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, class_names: 
         name: (float(confusion[k, k] / per_class_total[k] * 100) if per_class_total[k] else None)
         for k, name in enumerate(class_names)
     }
+    nan = float("nan")
     return {
         "num_samples": num_samples,
         "num_classes": num_classes,
-        "loss": float(loss),
-        "top1": float((predicted == labels).double().mean() * 100) if num_samples else float("nan"),
-        "top5": float((top_k == labels[:, None]).any(dim=1).double().mean() * 100) if num_samples else float("nan"),
-        "ece": expected_calibration_error(probs, labels),
+        "loss": loss / count if count else nan,
+        "top1": 100.0 * top1 / count if count else nan,
+        "top5": 100.0 * top5 / count if count else nan,
+        "ece": expected_calibration_error(log_probs.exp(), labels),
         "per_class_accuracy": per_class,
         "class_names": list(class_names),
         "confusion_matrix": confusion.tolist(),
@@ -259,6 +258,7 @@ def predict(
     tta: str | None = None,
 ) -> torch.Tensor:
     """Log-probabilities `(B, K)`; with `tta="flip"` the log of the mean softmax of the image and its mirror."""
+    images = images.contiguous(memory_format=torch.channels_last)
     log_probs = F.log_softmax(model(images).float(), dim=1)
     if tta is None:
         return log_probs
@@ -297,7 +297,7 @@ def _evaluate(
     data = _load_data(dataset, split=split, recipe=recipe, model=model)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)  # as training ran by default (model.channels_last)
     cfg = model.pretrained_cfg
     mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -354,28 +354,21 @@ def evaluate(
 # Output
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _write_predictions(path: Path, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
     """One JSON line per sample: index, label, prediction, confidence and the class probabilities."""
     probs = log_probs.exp()
     confidence, predicted = probs.max(dim=1)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as file:
-        for index in range(len(labels)):
-            row = {
-                "index": index,
-                "label": int(labels[index]),
-                "pred": int(predicted[index]),
-                "confidence": round(float(confidence[index]), 6),
-                "probs": [round(p, 6) for p in probs[index].tolist()],
-            }
-            file.write(json.dumps(row) + "\n")
-    os.replace(temporary, path)
+    rows = (
+        {
+            "index": index,
+            "label": int(labels[index]),
+            "pred": int(predicted[index]),
+            "confidence": round(float(confidence[index]), 6),
+            "probs": [round(p, 6) for p in probs[index].tolist()],
+        }
+        for index in range(len(labels))
+    )
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def save_confusion_png(path: Path, confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> bool:
@@ -406,10 +399,8 @@ def save_confusion_png(path: Path, confusion: Sequence[Sequence[int]], class_nam
     ax.set_ylabel("true class")
     ax.set_title(title)
     fig.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(temporary, dpi=100)
+    write_atomic(path, lambda temporary: fig.savefig(temporary, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(temporary, path)
     return True
 
 
@@ -450,53 +441,28 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py",
-        description="Evaluate a run directory, local-dir:PATH or hf-hub:ID on a dataset split.",
+def run_evaluation(args: Any) -> int:
+    """`evaluate.py`'s work, after `cifar_train.cli` parsed its arguments: evaluate, write, report."""
+    result, log_probs, labels, run_dir = _evaluate(
+        args.source,
+        dataset=args.dataset,
+        split=args.split,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        device=args.device,
     )
-    parser.add_argument("source", help="run directory, local-dir:PATH or hf-hub:ID")
-    parser.add_argument("--dataset", help="Hub id, alias or local path (default: the run's recipe)")
-    parser.add_argument("--split", help="split to evaluate (default: the run's validation split, else 'test')")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: flip averages image and mirror")
-    parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl", help="write per-sample predictions")
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
-    parser.add_argument(
-        "--out-dir", type=Path, help="where to write the metrics JSON and confusion PNG (default: RUN/eval)"
-    )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    try:
-        result, log_probs, labels, run_dir = _evaluate(
-            args.source,
-            dataset=args.dataset,
-            split=args.split,
-            batch_size=args.batch_size,
-            tta=args.tta,
-            device=args.device,
-        )
-        out_dir = args.out_dir or (run_dir / "eval" if run_dir is not None else None)
-        written = []
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            stem = _safe_name(f"{result['split']}{'_tta-' + args.tta if args.tta else ''}")
-            _write_atomic_text(out_dir / f"metrics_{stem}.json", json.dumps(result, indent=2) + "\n")
-            written.append(out_dir / f"metrics_{stem}.json")
-            png = out_dir / f"confusion_{stem}.png"
-            title = f"{result['architecture']} on {result['dataset']} [{result['split']}]"
-            if save_confusion_png(png, result["confusion_matrix"], result["class_names"], title):
-                written.append(png)
-        if args.predictions is not None:
-            args.predictions.parent.mkdir(parents=True, exist_ok=True)
-            _write_predictions(args.predictions, log_probs, labels)
-            written.append(args.predictions)
-    except UserError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out_dir = args.out_dir or (run_dir / "eval" if run_dir is not None else None)
+    written = []
+    if out_dir is not None:
+        stem = _safe_name(f"{result['split']}{'_tta-' + args.tta if args.tta else ''}")
+        written.append(write_json_atomic(out_dir / f"metrics_{stem}.json", result))
+        png = out_dir / f"confusion_{stem}.png"
+        title = f"{result['architecture']} on {result['dataset']} [{result['split']}]"
+        if save_confusion_png(png, result["confusion_matrix"], result["class_names"], title):
+            written.append(png)
+    if args.predictions is not None:
+        _write_predictions(args.predictions, log_probs, labels)
+        written.append(args.predictions)
     if args.json:
         print(json.dumps(result))
     else:
@@ -504,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cifar_train.cli import evaluate_main
+
+    return evaluate_main(argv)
 
 
 if __name__ == "__main__":

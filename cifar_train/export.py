@@ -12,8 +12,6 @@ and `write_model_card` writes the `README.md` that goes to the Hub with them.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,32 +21,18 @@ import torch.nn as nn
 from accelerate.utils import extract_model_from_parallel
 from timm.models._hub import save_config_for_hf
 
+from .atomic import write_atomic
+
 __all__ = ["CONFIG_FILE", "MODEL_CARD_FILE", "WEIGHTS_FILE", "export_model", "unwrap_model", "write_model_card"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "README.md"
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under DDP / FSDP / DeepSpeed wrappers and `torch.compile`."""
     return extract_model_from_parallel(model, keep_fp32_wrapper=False, keep_torch_compile=False)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call `write(temporary_path)` and rename the result into place, so `path` is never half-written."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def export_model(
@@ -103,11 +87,11 @@ def export_model(
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    write_atomic(
         run_dir / WEIGHTS_FILE,
         lambda path: safetensors.torch.save_file(state, path, metadata={"format": "pt"}),
     )
-    _write_atomic(
+    write_atomic(
         run_dir / CONFIG_FILE,
         lambda path: save_config_for_hf(
             model, path, model_config=model_config, model_args=model_args, data_config=data_config
@@ -229,4 +213,4 @@ def write_model_card(
         "the same way.",
         "",
     ]
-    _write_atomic(run_dir / MODEL_CARD_FILE, lambda path: Path(path).write_text("\n".join(card), encoding="utf-8"))
+    write_atomic(run_dir / MODEL_CARD_FILE, lambda path: Path(path).write_text("\n".join(card), encoding="utf-8"))

@@ -43,9 +43,11 @@ def classification_sums(logits: torch.Tensor, labels: torch.Tensor, valid: torch
     """`[sum of cross-entropy, top-1 correct, top-5 correct, count]` over the valid rows, as float64 on the device.
 
     `valid` masks out padding rows (fixed-size validation batches); the per-sample cross-entropy is computed
-    in float32 and summed in float64. Top-5 is top-min(5, K).
+    in float32 (float64 inputs stay float64) and summed in float64. Top-5 is top-min(5, K). Log-probabilities
+    work as logits (log_softmax leaves them unchanged).
     """
-    logits = logits.float()
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # mixed precision: the loss in float32, as in training
     losses = F.cross_entropy(logits, labels, reduction="none").double()
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     top1 = (top[:, 0] == labels).double()

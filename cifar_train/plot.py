@@ -9,10 +9,7 @@ points; epochs without evaluation simply have no validation point. Needs matplot
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,27 +18,17 @@ from cifar_train.errors import UserError
 
 __all__ = ["METRICS_FILE", "main", "make_figure", "plot_runs", "read_metrics"]
 
-METRICS_FILE = "metrics.jsonl"
+from .rundir import METRICS_FILE
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The epoch records of a run's `metrics.jsonl` (a run directory or the file itself), in file order."""
+    from .rundir import read_metrics as read_log
+
     path = Path(run_dir)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    if not path.is_file():
-        raise UserError(f"{str(path)!r} does not exist; give run directories that hold {METRICS_FILE}")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{str(path)!r} line {number} is not JSON ({err.msg})") from None
-        if not isinstance(record, dict) or "epoch" not in record:
-            raise UserError(f"{str(path)!r} line {number} has no 'epoch'; each line is one epoch's record")
-        records.append(record)
+    if not (path / METRICS_FILE if path.is_dir() else path).is_file():
+        raise UserError(f"{str(path)!r} holds no {METRICS_FILE}; give run directories (or their {METRICS_FILE})")
+    records = read_log(path)
     if not records:
         raise UserError(f"{str(path)!r} holds no epochs yet")
     return records
@@ -127,15 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-lr", action="store_true", help="learning rate on a log axis")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         out = plot_runs(args.runs, args.out, names=args.names, title=args.title, log_lr=args.log_lr)
-    except UserError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    from .cli import guarded
+
+    return guarded(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """What a person sees while training: a rich progress bar per epoch and a summary table at the end.
 
-On a terminal each epoch shows a bar with step, loss, lr, images/s and ETA; elsewhere (logs, CI)
-one plain line per epoch is printed instead, so log files stay readable.
+On a terminal each epoch shows a bar with step, loss, accuracy, lr, images/s and ETA; elsewhere (logs, CI)
+one plain line per epoch is printed instead, so log files stay readable. The bar moves at the loop's periodic
+reads of the running metrics (every `log.every_steps` steps), never with a host read of its own.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,20 +19,25 @@ __all__ = ["EpochProgress", "print_summary"]
 
 
 class EpochProgress:
+    """The per-epoch bar (a context manager: the bar is removed on exit, also after an error)."""
+
     def __init__(self, *, enabled: bool, console: Console | None = None) -> None:
         self.console = console or Console()
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self._progress: Progress | None = None
         self._task = None
-        self._loss_sum = 0.0
-        self._count = 0
-        self._images = 0
-        self._start = 0.0
 
-    def start_epoch(self, epoch: int, epochs: int, total: int) -> None:
-        self._loss_sum, self._count, self._images = 0.0, 0, 0
-        self._start = time.perf_counter()
+    def __enter__(self) -> EpochProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        """A new bar for `epoch` of `epochs`, `total` batches, `done` of them trained before a resume."""
         if not self.live:
             return
         if self._progress is None:
@@ -52,31 +57,19 @@ class EpochProgress:
         if self._task is not None:
             self._progress.remove_task(self._task)
         self._task = self._progress.add_task(
-            "train", total=total, epoch=f"{epoch}/{epochs}", loss=0.0, acc=0.0, lr=0.0, ips=0.0
+            "train", total=total, completed=done, epoch=f"{epoch}/{epochs}", loss=0.0, acc=0.0, lr=0.0, ips=0.0
         )
 
-    def advance(self, loss: float, lr: float, images: int, accuracy: float = 0.0) -> None:
-        """One step: its loss, the lr, images trained (all processes), running train accuracy (0-1)."""
-        self._loss_sum += loss
-        self._count += 1
-        self._images += images
-        if self.live and self._progress is not None:
-            elapsed = max(time.perf_counter() - self._start, 1e-9)
-            self._progress.update(
-                self._task,
-                advance=1,
-                loss=self._loss_sum / self._count,
-                acc=100.0 * accuracy,
-                lr=lr,
-                ips=self._images / elapsed,
-            )
+    def update(self, done: int, *, loss: float, acc1: float, lr: float, images_per_second: float) -> None:
+        """The bar after `done` batches of the epoch, with the running loss and top-1 (%) since the epoch began."""
+        if self.live and self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=done, loss=loss, acc=acc1, lr=lr, ips=images_per_second)
 
-    def end_epoch(self) -> None:
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        """Remove the bar and print the epoch's line."""
         if self.live and self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)
             self._task = None
-
-    def epoch_line(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         text = (
@@ -87,11 +80,6 @@ class EpochProgress:
             text += f"  val loss {row['val_loss']:.4f} acc {row['val_acc1']:.2f}% top5 {row['val_acc5']:.2f}%"
         text += f"  {row['epoch_seconds']:.1f}s {row['images_per_second']:.0f} img/s"
         self.console.print(text, highlight=False)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
 
 
 def print_summary(

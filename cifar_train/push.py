@@ -8,7 +8,7 @@ only when the repository has none, which would drop ours; uploading the files th
 weights on the Hub are the ones `evaluate.py` measured. After `import cifar_models`,
 `timm.create_model('hf-hub:user/name', pretrained=True)` then loads them.
 
-The token comes from `token=`, `$HF_TOKEN` or `huggingface-cli login`; it is never printed or written.
+The token comes from `token=`, `$HF_TOKEN` or `hf auth login`; it is never printed or written.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import argparse
 import os
 import re
 import socket
-import sys
-import traceback
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -94,7 +92,7 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
         raise UserError(f"push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to upload") from None
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
-        hint = " (log in with `huggingface-cli login` or set HF_TOKEN)" if status in (401, 403) else ""
+        hint = " (log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
         raise UserError(f"push to {repo_id!r} failed: HTTP {status}{hint}") from None
     return str(url)
 
@@ -106,18 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         url = push_run(args.run_dir, args.repo_id, private=args.private)
-    except UserError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"pushed {args.run_dir} to {url}; load it with: import cifar_models, timm; "
-        f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)"
-    )
-    return 0
+        print(
+            f"pushed {args.run_dir} to {url}; load it with: import cifar_models, timm; "
+            f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)"
+        )
+        return 0
+
+    from .cli import guarded
+
+    return guarded(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomic
 from .errors import UserError
 from .recipe import parse_overrides
+from .rundir import read_metrics
 
 __all__ = [
     "canonical_overrides",
@@ -32,7 +34,7 @@ __all__ = [
     "read_run",
     "recipe_path",
     "record_filename",
-    "write_json_atomic",
+    "write_json_if_changed",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,17 +88,6 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{str(path)!r} line {number} is not JSON ({err.msg})") from None
-    return rows
-
-
 def parse_command(command: str) -> tuple[str | None, list[str]]:
     """(recipe, overrides) from env.json's `command` (`train_accelerate.py RECIPE [--set K=V]... [--output-dir D]`).
 
@@ -142,7 +133,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise _not_finished(run_dir, missing)
     env, final = _read_json(run_dir / "env.json"), _read_json(run_dir / "final_metrics.json")
-    epochs = _read_metrics(run_dir / "metrics.jsonl")
+    epochs = read_metrics(run_dir)
     if not isinstance(env, dict) or not isinstance(final, dict) or not all(isinstance(r, dict) for r in epochs):
         raise UserError(f"{str(run_dir)!r}: env.json, final_metrics.json and each metrics.jsonl line must be objects")
     evaluated = [row for row in epochs if row.get("val_acc1") is not None]
@@ -223,14 +214,12 @@ def record_filename(record: dict[str, Any]) -> str:
     return "-".join(piece for piece in pieces if piece) + ".json"
 
 
-def write_json_atomic(path: Path, data: Any) -> bool:
-    """Write `data` as JSON through a temporary file and `os.replace`; False (and no write) when unchanged."""
+def write_json_if_changed(path: Path, data: Any) -> bool:
+    """Write `data` as JSON, atomically; False (and no write) when the file already says exactly that."""
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return True
 
 
@@ -246,7 +235,7 @@ def collect(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike = RESU
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give the results folder (e.g. results/)")
     out.mkdir(parents=True, exist_ok=True)
-    return [(out / record_filename(r), write_json_atomic(out / record_filename(r), r)) for r in records]
+    return [(out / record_filename(r), write_json_if_changed(out / record_filename(r), r)) for r in records]
 
 
 # what rendering reads from a record

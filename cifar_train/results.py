@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import tomllib
-import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,14 +378,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import guarded
+
     args = _parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except UserError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    return guarded(lambda: args.run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

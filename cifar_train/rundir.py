@@ -1,4 +1,13 @@
-"""The run directory: refusing to clobber, a lock against two writers, and the environment record."""
+"""The run directory, `runs/<name>/`: one owner for everything written there.
+
+    recipe.toml  env.json  metrics.jsonl  final_metrics.json  checkpoints/  model.safetensors  config.json  README.md
+
+`RunDirectory` refuses to clobber (only reads until every input is checked), takes an exclusive lock that the OS
+releases even after `kill -9` and that the object releases exactly once (also on errors and signals), clears the
+directory for `--overwrite`, writes the resolved recipe and the environment, appends one metrics line per epoch
+(fsync'd; truncated back to the checkpoint on resume) and finishes the run (final metrics, safetensors export,
+model card, Hub push). `read_metrics` is the one reader of `metrics.jsonl` (the plots use it too).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +20,20 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json_atomic, write_text_atomic
 from .errors import UserError
 
-__all__ = ["RunLock", "check_output_dir", "collect_env", "lock_holder", "write_text_atomic"]
+__all__ = ["METRICS_FILE", "RunDirectory", "RunLock", "collect_env", "lock_holder", "read_metrics"]
 
 LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+RECIPE_FILE = "recipe.toml"
+ENV_FILE = "env.json"
+FINAL_FILE = "final_metrics.json"
 
 
 def _in_use(run_dir: Path, holder: str) -> UserError:
@@ -35,38 +50,10 @@ def _holds_a_run(run_dir: Path) -> UserError:
     )
 
 
-def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse an output directory that already holds something, unless resuming or overwriting.
-
-    Only reads: a refused directory is left exactly as it was.
-    """
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict: resume continues a run, overwrite starts it afresh")
-    holder = lock_holder(run_dir)
-    if holder is not None:
-        raise _in_use(run_dir, holder)
-    if resume:
-        if not (run_dir / "recipe.toml").is_file():
-            raise UserError(f"--resume {str(run_dir)!r}: not a run directory (no recipe.toml in it)")
-        from .checkpoint import find_checkpoints
-
-        if not find_checkpoints(run_dir):
-            raise UserError(
-                f"--resume {str(run_dir)!r}: no complete checkpoint in {str(run_dir / 'checkpoints')!r} (the run "
-                "stopped before its first one); start it again with --overwrite"
-            )
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output directory {str(run_dir)!r} exists and is a file; choose another --output-dir")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise _holds_a_run(run_dir)
-
-
 def lock_holder(run_dir: Path) -> str | None:
     """Who holds `<run_dir>/.lock` ("pid N on HOST"), or None when nobody does. Creates nothing."""
-    path = Path(run_dir) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -91,7 +78,7 @@ class RunLock:
         """Take the lock or raise `UserError` naming its holder.
 
         `expect_empty` (a fresh run): the directory must still hold nothing, re-checked under the lock,
-        since another run may have filled it after `check_output_dir` looked.
+        since another run may have filled it after the first look.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -115,18 +102,160 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def clear_run_dir(self) -> None:
-        """For --overwrite: remove everything but the lock we hold."""
-        for entry in self.path.parent.iterdir():
-            if entry.name == LOCK_FILE:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+def read_metrics(run_dir: str | os.PathLike, upto_epoch: int | None = None) -> list[dict[str, Any]]:
+    """The epoch records of a run's `metrics.jsonl` (a run directory or the file), in file order.
+
+    A missing file gives []; a line that is not a JSON object with an `epoch` is a UserError naming it.
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{str(path)!r} line {number} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or "epoch" not in row:
+            raise UserError(f"{str(path)!r} line {number} has no 'epoch'; each line is one epoch's record")
+        rows.append(row)
+    return [row for row in rows if upto_epoch is None or row["epoch"] <= upto_epoch]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+class RunDirectory:
+    """`runs/<name>/` for one training run (see the module docstring).
+
+    Construction only reads: it refuses a directory that holds a run (unless resuming or overwriting), one
+    that another process holds, or a resume target without a recipe or checkpoint. `open()` is the first
+    write; use the object as a context manager so the lock is released exactly once.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.resume = resume
+        self.overwrite = overwrite
+        self._lock = RunLock(self.path)
+        self._check()
+
+    def _check(self) -> None:
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict: resume continues a run, overwrite starts it afresh")
+        holder = lock_holder(self.path)
+        if holder is not None:
+            raise _in_use(self.path, holder)
+        if self.resume:
+            if not (self.path / RECIPE_FILE).is_file():
+                raise UserError(f"--resume {str(self.path)!r}: not a run directory (no {RECIPE_FILE} in it)")
+            from .checkpoint import find_checkpoints
+
+            if not find_checkpoints(self.path):
+                raise UserError(
+                    f"--resume {str(self.path)!r}: no complete checkpoint in {str(self.path / 'checkpoints')!r} "
+                    "(the run stopped before its first one); start it again with --overwrite"
+                )
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output directory {str(self.path)!r} exists and is a file; choose another --output-dir")
+        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
+            raise _holds_a_run(self.path)
+
+    @property
+    def saved_recipe_path(self) -> Path:
+        return self.path / RECIPE_FILE
+
+    def open(self, *, main_process: bool, recipe_toml: str, env: dict[str, Any]) -> None:
+        """Take the lock (main process), clear the directory for --overwrite, write recipe.toml and env.json.
+
+        On resume nothing is written here; `truncate_metrics` forgets epochs after the checkpoint.
+        """
+        if not main_process:
+            return
+        self._lock.acquire(expect_empty=not (self.resume or self.overwrite))
+        if self.overwrite:
+            for entry in self.path.iterdir():
+                if entry.name != LOCK_FILE:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if not self.resume:
+            write_text_atomic(self.path / RECIPE_FILE, recipe_toml)
+            write_json_atomic(self.path / ENV_FILE, env)
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- metrics log
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one epoch's record and fsync it, so a later kill cannot lose it."""
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def truncate_metrics(self, upto_epoch: int) -> list[dict[str, Any]]:
+        """Forget the epochs logged after a checkpoint (resume); returns the records kept."""
+        rows = read_metrics(self.path, upto_epoch)
+        write_text_atomic(self.path / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+        return rows
+
+    def env(self) -> dict[str, Any]:
+        path = self.path / ENV_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    # ---- the end of a run
+
+    def finish(
+        self,
+        model: Any,
+        final: dict[str, Any],
+        *,
+        recipe_toml: str,
+        model_name: str,
+        model_kwargs: dict[str, Any],
+        dataset: str,
+        info: Any,  # cifar_train.data.DatasetInfo
+        push_to: str | None,
+        private: bool,
+    ) -> None:
+        """final_metrics.json, the safetensors export with timm's config, the model card, and the Hub push."""
+        from .export import export_model, write_model_card
+
+        write_json_atomic(self.path / FINAL_FILE, final)
+        export_model(
+            model,
+            self.path,
+            model_name=model_name,
+            model_kwargs=model_kwargs,
+            num_classes=info.num_classes,
+            in_chans=info.channels,
+            input_size=(info.channels, *info.image_size),
+            mean=info.mean,
+            std=info.std,
+            class_names=info.class_names,
+        )
+        write_model_card(
+            self.path,
+            recipe_toml=recipe_toml,
+            model_name=model_name,
+            results=final,
+            env=self.env(),
+            dataset=dataset,
+            num_params=sum(p.numel() for p in model.parameters()),
+        )
+        if push_to:
+            from .push import push_run
+
+            push_run(self.path, push_to, private=private)
 
 
 def _git_commit() -> str | None:
@@ -144,8 +273,8 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def collect_env(*, device: str, num_processes: int, mixed_precision: str) -> dict[str, Any]:
-    """Versions, devices, git commit and command line, for `env.json` and the model card."""
+def collect_env(accelerator: Any, *, recipe_file: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Versions, devices, git commit, command line and the recipe it ran, for `env.json` and the model card."""
     import accelerate
     import datasets
     import timm
@@ -154,6 +283,8 @@ def collect_env(*, device: str, num_processes: int, mixed_precision: str) -> dic
     env: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "recipe_file": recipe_file,
+        "overrides": list(overrides),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
@@ -161,9 +292,9 @@ def collect_env(*, device: str, num_processes: int, mixed_precision: str) -> dic
         "timm": timm.__version__,
         "accelerate": accelerate.__version__,
         "datasets": datasets.__version__,
-        "device": device,
-        "num_processes": num_processes,
-        "mixed_precision": mixed_precision,
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
         "cpu_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
     }
@@ -171,7 +302,3 @@ def collect_env(*, device: str, num_processes: int, mixed_precision: str) -> dic
         env["cuda"] = torch.version.cuda
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return env
-
-
-def dump_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

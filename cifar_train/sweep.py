@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,7 +254,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import guarded
+
     args = _parser().parse_args(argv)
+    return guarded(lambda: _sweep(args), debug=args.debug)
+
+
+def _sweep(args) -> int:
     try:
         _check_args(args)
         recipe = str(Path(args.recipe)) if Path.cwd().resolve() == ROOT else str(Path(args.recipe).resolve())
@@ -267,11 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"seed {job.seed}: {ACTIONS[job.action]} ({job.run_dir})", flush=True)
         run_seeds(jobs, recipe, args.overrides, launcher, gpus)
         written = collect([job.run_dir for job in jobs], args.results)
-    except UserError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
     except SeedFailed as failed:
         print(f"error: {failed}", file=sys.stderr)
         return failed.status

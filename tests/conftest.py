@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,27 @@ def cifar10_dir() -> Path:
     if not (SHARED_CIFAR10 / "plain_text").is_dir():
         pytest.skip(f"real CIFAR-10 copy not found at {SHARED_CIFAR10} (it ships beside the project checkout)")
     return SHARED_CIFAR10
+
+
+@dataclass
+class FinishedRun:
+    recipe: Path
+    run_dir: Path
+    result: subprocess.CompletedProcess
+
+
+HUB_TOKEN = "hf_reliabilityTestSecret0123456789"  # a fake Hub token that must never surface
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, digits_dir) -> FinishedRun:
+    """One finished run of the standard tiny recipe (tests/helpers.py) through the real command, with a Hub token
+    in its environment. Tests that only read a run share it; tests that change a run copy it first."""
+    from helpers import run_cli, write_recipe
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    recipe = write_recipe(root / "tiny.toml", digits_dir)
+    run_dir = root / "run"
+    result = run_cli(str(recipe), "--output-dir", str(run_dir), env={"HF_TOKEN": HUB_TOKEN})
+    assert result.returncode == 0, result.stderr
+    return FinishedRun(recipe, run_dir, result)

@@ -259,8 +259,8 @@ def _step_signature(recipe: Recipe) -> tuple:
 
 def _augment(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The recipe's batch augmentation (ImageNet streams per-sample transforms instead: plain scaling there)."""
+    from cifar_train.components import build_augment
     from cifar_train.data import DatasetInfo
-    from cifar_train.loop import build_augment
 
     num_classes, channels, size = _dataset_shape(recipe)
     if recipe.data.dataset == "imagenet":
@@ -285,7 +285,8 @@ def _augment(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor) -> tupl
 
 def _train_step(model: torch.nn.Module, recipe: Recipe, inputs: torch.Tensor, targets: torch.Tensor) -> None:
     """One optimizer step as the recipe configures it, checked for a finite loss, the lr and a changed weight."""
-    from cifar_train.loop import build_optimizer, build_scheduler, dual_cutout_loss, soft_cross_entropy
+    from cifar_train.components import build_optimizer, build_scheduler
+    from cifar_train.losses import dual_cutout_loss, soft_cross_entropy
 
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=10)
@@ -298,7 +299,7 @@ def _train_step(model: torch.nn.Module, recipe: Recipe, inputs: torch.Tensor, ta
     before = classifier.detach().clone()
     model.train()
     optimizer.zero_grad()
-    precision = {"no": None, "fp16": torch.bfloat16, "bf16": torch.bfloat16}[recipe.train.precision]  # CPU autocast
+    precision = {"auto": None, "no": None, "fp16": torch.bfloat16, "bf16": torch.bfloat16}[recipe.train.precision]
     for j in range(chunks):
         with torch.autocast("cpu", dtype=precision, enabled=precision is not None):
             outputs = [model(v.chunk(chunks)[j]) for v in views]

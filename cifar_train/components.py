@@ -1,0 +1,164 @@
+"""From a recipe to its components, and everything about them that can be checked before any data is read.
+
+The builders are one statement each: a schema section's field names are its component's keywords. The checks
+run in the order a user would fix them (the recipe itself was checked when it loaded): the model name (with
+"did you mean" over timm's registry) and its kwargs (the model is built on the meta device, which costs no
+memory and no time), the optimizer name, the trackers, the batch split over processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+
+from .augment import BatchAugment
+from .errors import UserError, did_you_mean
+from .optim import check_optimizer, create_optimizer
+from .recipe import Recipe, section_kwargs
+from .schedule import create_scheduler
+from .step import per_process_batch
+
+__all__ = [
+    "build_augment",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "check_model",
+    "check_trackers",
+    "make_accelerator",
+    "preflight",
+    "resolve_precision",
+]
+
+
+def _register_cifar_models() -> None:
+    import cifar_models  # noqa: F401  (registers the CIFAR architectures in timm)
+
+
+def build_model(recipe: Recipe, *, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
+    """`timm.create_model(recipe.model.name, **recipe.model.kwargs)`, with the dataset's classes and channels."""
+    check_model(recipe.model.name, recipe.model.kwargs)
+    kwargs = dict(recipe.model.kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    return timm.create_model(recipe.model.name, **kwargs)
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    return create_optimizer(model, **section_kwargs(recipe.optim))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
+    """The per-iteration lr schedule; `steps_per_epoch` counts optimizer steps."""
+    return create_scheduler(
+        optimizer, steps_per_epoch=steps_per_epoch, epochs=recipe.train.epochs, **section_kwargs(recipe.schedule)
+    )
+
+
+def build_augment(recipe: Recipe, info: Any) -> BatchAugment:
+    """The recipe's whole-batch augmentation for a dataset (`info`: its classes, mean and std)."""
+    return BatchAugment(num_classes=info.num_classes, mean=info.mean, std=info.std, **section_kwargs(recipe.augment))
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_parameters(
+    name: str, kwargs: tuple[tuple[str, Any], ...], num_classes: int | None, in_chans: int | None
+) -> int:
+    extra = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    with torch.device("meta"):
+        model = timm.create_model(name, **{**dict(kwargs), **extra})
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model(
+    name: str, kwargs: dict[str, Any], *, num_classes: int | None = None, in_chans: int | None = None
+) -> int:
+    """The model's parameter count, from a build on the meta device; a UserError for an unknown name or kwargs."""
+    _register_cifar_models()
+    if not timm.is_model(name):
+        raise UserError(
+            f"unknown model.name {name!r}{did_you_mean(name, timm.list_models())}; "
+            "CIFAR models: python -c 'import cifar_models; print(cifar_models.list_cifar_models())', "
+            "all: timm.list_models()"
+        )
+    try:
+        frozen = tuple(sorted((k, _hashable(v)) for k, v in kwargs.items()))
+        return _meta_parameters(name, frozen, num_classes, in_chans)
+    except (TypeError, ValueError, AssertionError, KeyError) as err:
+        raise UserError(f"model.kwargs {dict(kwargs)!r} do not fit model {name!r}: {err}") from None
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def check_trackers(trackers: Sequence[str]) -> None:
+    """Every `log.trackers` entry is an Accelerate tracker that is installed."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in trackers:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(
+                f"log.trackers: unknown tracker {name!r}{did_you_mean(name, LOGGER_TYPE_TO_CLASS)}; "
+                f"known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}"
+            )
+        installed = getattr(accelerate.utils, f"is_{name}_available", None)
+        if installed is not None and not installed():
+            raise UserError(f"log.trackers: {name!r} is not installed; pip install it or remove it from the recipe")
+
+
+def preflight(recipe: Recipe, num_processes: int) -> int:
+    """Everything checkable before data, in the order a user would fix it; returns the per-process batch."""
+    check_model(recipe.model.name, recipe.model.kwargs)
+    check_optimizer(recipe.optim.name)
+    check_trackers(recipe.log.trackers)
+    t = recipe.train
+    return per_process_batch(t.batch_size, num_processes, subdivision=t.subdivision, mix=recipe.augment.mix)
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """`train.precision` as Accelerate's mixed_precision: "auto" is bf16 on CUDA GPUs that support it, else fp32."""
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not cuda:
+        raise UserError('train.precision = "fp16" needs a GPU; on a CPU use "bf16", "no" or "auto"')
+    return precision
+
+
+def make_accelerator(
+    *, precision: str, grad_accum_steps: int, trackers: Sequence[str], project_dir: str
+) -> Accelerator:
+    """The Accelerator of a run: CPU processes when no GPU is visible (also under torchrun / accelerate launch,
+    with no extra variable), and a consistent launch or a UserError on every rank before anything is written."""
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision=resolve_precision(precision, cuda),
+        gradient_accumulation_steps=grad_accum_steps,
+        log_with=list(trackers) or None,
+        project_dir=project_dir,
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UserError(
+            f"this process was launched as one of {launched} (WORLD_SIZE) but Accelerate set up "
+            f"{accelerator.num_processes} process(es); launch with `accelerate launch` or `torchrun` and the same "
+            "number of processes on every machine"
+        )
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+    return accelerator

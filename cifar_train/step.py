@@ -1,0 +1,256 @@
+"""One optimizer step, with no host read of a device value.
+
+`TrainStep` runs forward and backward for a batch (the seed's ghost batches: `subdivision` chunks, one
+optimizer step; Dual-Cutout: two views of every image), clips the gradients, applies the non-finite-loss
+policy and adds the batch to running sums that stay on the device (`RunningMetrics`). The loop reads those
+sums every `log.every_steps` steps and at the end of an epoch, never per step: a GPU would otherwise wait
+for the host at every `.item()`.
+
+Non-finite losses: with `"stop"` the sums count them and the loop stops at its next read (the weights may
+already be NaN by then; the last good checkpoint is kept). With `"skip"` the optimizer step is skipped on the
+device, the way gradient scalers do: fused SGD/Adam/AdamW take a `found_inf` flag. Other optimizers (LARS,
+AdaBound, timm's) have no such kernel, so under `"skip"` they read one flag per step.
+
+With `compile`, the forward pass and the loss are one `torch.compile`d function; autograd then runs the
+compiled backward, so the whole step is compiled, not only the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+
+from .errors import UserError
+from .losses import dual_cutout_loss, soft_correct, soft_cross_entropy
+from .recipe import COMPILE_MODES, Findings
+
+__all__ = ["RunningMetrics", "TrainStep", "check_step", "compile_mode", "per_process_batch"]
+
+
+def check_step(*, batch_size: int, subdivision: int, grad_accum_steps: int) -> Findings:
+    """The rules of the train section that need no data: the ghost batch divides the batch, and is not combined
+    with gradient accumulation (both split a batch)."""
+    if batch_size % subdivision:
+        raise UserError(f"train.batch_size = {batch_size} is not divisible by train.subdivision = {subdivision}")
+    if subdivision > 1 and grad_accum_steps > 1:
+        raise UserError("train.subdivision and train.grad_accum_steps both split the batch; use one of them")
+    return Findings()
+
+
+def per_process_batch(batch_size: int, num_processes: int, *, subdivision: int, mix: str) -> int:
+    """The global batch split over processes; refused when it does not split evenly."""
+    per_process, remainder = divmod(batch_size, num_processes)
+    if remainder or per_process % subdivision:
+        raise UserError(
+            f"train.batch_size = {batch_size} must split evenly over {num_processes} process(es) and then into "
+            f"train.subdivision = {subdivision} chunks"
+        )
+    if mix in ("mixup", "cutmix") and per_process % 2:
+        raise UserError(
+            f"augment.mix = {mix!r} needs an even batch per process; train.batch_size = {batch_size} over "
+            f"{num_processes} process(es) gives {per_process}"
+        )
+    return per_process
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """`model.compile` as a torch.compile mode, or None for eager."""
+    if compile not in COMPILE_MODES:
+        raise UserError(
+            f"model.compile = {compile!r} is not allowed; choose one of {', '.join(map(repr, COMPILE_MODES))}"
+        )
+    if compile is False:
+        return None
+    return "default" if compile is True else compile
+
+
+class RunningMetrics:
+    """Running sums of one epoch on the device: loss x images and soft-correct images over the finite batches,
+    images, non-finite batches, skipped steps, and the first non-finite batch's optimizer step.
+
+    `read()` is the one host read: the sums over every process as Python numbers.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x images, correct, images
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # non-finite batches, skipped steps
+        self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=device)  # optimizer step, 1-based
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, finite: torch.Tensor, step: int) -> None:
+        """One batch. A non-finite batch is counted, and left out of the sums."""
+        count = torch.full((), images, dtype=torch.float64, device=self.sums.device)  # a fill, not a host copy
+        batch = torch.stack([loss.double() * images, correct.double(), count])
+        self.sums.add_(torch.where(finite, batch, torch.zeros_like(batch)))
+        bad = ~finite
+        self.first_nonfinite.masked_fill_(bad & (self.first_nonfinite < 0), step)
+        self.counts[0].add_(bad.long())
+
+    def skipped(self, bad: torch.Tensor) -> None:
+        self.counts[1].add_(bad.long())
+
+    def read(self, accelerator: Accelerator, *flags: bool) -> tuple[dict[str, Any], list[bool]]:
+        """The sums over all processes, and `flags` OR-ed over processes (a stop request), in one read."""
+        extra = torch.tensor([float(f) for f in flags], dtype=torch.float64).to(self.sums.device, non_blocking=True)
+        packed = torch.cat([self.sums, self.counts.double(), extra])
+        first = self.first_nonfinite[None].double()
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+            first = accelerator.gather(first)
+            first = torch.where(first > 0, first, torch.full_like(first, math.inf)).min()[None]
+        values = torch.cat([packed, first]).tolist()  # the host read
+        loss, correct, images, nonfinite, skipped = values[:5]
+        summary = {
+            "loss": loss / images if images else float("nan"),
+            "acc1": 100.0 * correct / images if images else 0.0,
+            "images": int(images),
+            "nonfinite": int(nonfinite),
+            "skipped": int(skipped),
+            "first_nonfinite": int(values[-1]) if math.isfinite(values[-1]) and values[-1] > 0 else None,
+        }
+        return summary, [v > 0 for v in values[5:-1]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "first": int(self.first_nonfinite)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
+        self.counts.copy_(torch.tensor(state["counts"], dtype=torch.int64))
+        self.first_nonfinite.fill_(state["first"])
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+        self.first_nonfinite.fill_(-1)
+
+
+class TrainStep:
+    """Forward, backward and optimizer step of one batch under Accelerate, metrics on the device.
+
+    Call it with a batch from the batch source: `(images, soft targets)`, where Dual-Cutout batches hold the
+    two views stacked, `[view1; view2]`, with their targets repeated.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        subdivision: int,
+        dual_cutout_alpha: float,
+        label_smoothing: float,
+        grad_clip: float,
+        nonfinite_loss: str,
+        channels_last: bool,
+        compile: bool | str = False,
+        compile_backend: str = "inductor",
+    ) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.subdivision = subdivision
+        self.dual_cutout_alpha = dual_cutout_alpha
+        self.label_smoothing = label_smoothing
+        self.grad_clip = grad_clip
+        self.nonfinite_loss = nonfinite_loss
+        self.channels_last = channels_last
+        self.metrics = RunningMetrics(accelerator.device)
+        self._group_finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self._device_skip = getattr(inner, "_step_supports_amp_scaling", False) and accelerator.scaler is None
+        self.mode = compile_mode(compile)
+        self._loss_fn = self._loss_and_correct
+        self.eval_model = model  # what validation calls: the same weights, compiled on its own when asked
+        if self.mode is not None:
+            self._loss_fn = torch.compile(self._loss_and_correct, mode=self.mode, backend=compile_backend)
+            self.eval_model = torch.compile(model, mode=self.mode, backend=compile_backend)
+
+    def _loss_and_correct(
+        self, views: tuple[torch.Tensor, ...], targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [self.model(view) for view in views]
+        if self.dual_cutout_alpha > 0:
+            loss = dual_cutout_loss(outputs[0], outputs[1], targets, self.dual_cutout_alpha)
+        else:
+            loss = soft_cross_entropy(outputs[0], targets)
+        return loss, soft_correct(outputs[0].detach(), targets, self.label_smoothing)
+
+    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Forward and backward one batch; returns (mean loss, soft-correct sum, images) as device tensors.
+
+        Ghost batches: the chunks run one after another (each its own BatchNorm statistics), gradients add up,
+        and DDP synchronises on the last chunk only.
+        """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.dual_cutout_alpha > 0:
+            half = len(images) // 2
+            views, targets = (images[:half], images[half:]), targets[:half]
+        else:
+            views = (images,)
+        chunks = [view.chunk(self.subdivision) for view in views]
+        chunk_targets = targets.chunk(self.subdivision)
+        total = torch.zeros((), device=images.device)
+        correct = torch.zeros((), device=images.device)
+        for j, target in enumerate(chunk_targets):
+            last = j == len(chunk_targets) - 1
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                loss, chunk_correct = self._loss_fn(tuple(c[j] for c in chunks), target)
+                self.accelerator.backward(loss / len(chunk_targets))
+            total += loss.detach() / len(chunk_targets)
+            correct += chunk_correct
+        return total, correct, len(targets)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> int:
+        """Train on one batch; `step` is the 1-based optimizer step it belongs to (to name a bad step).
+
+        Returns the number of images trained in this process (Dual-Cutout's two views count once).
+        """
+        with self.accelerator.accumulate(self.model):
+            loss, correct, count = self.forward_backward(images, targets)
+            finite = torch.isfinite(loss)
+            self._group_finite &= finite
+            if self.accelerator.sync_gradients:
+                self._optimizer_step()
+        self.metrics.add(loss, correct, count, finite, step)
+        return count
+
+    def _optimizer_step(self) -> None:
+        if self.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.nonfinite_loss == "skip":
+            bad = ~self._group_finite
+            if self.accelerator.num_processes > 1:  # every rank must skip together
+                bad = self.accelerator.reduce(bad.float(), reduction="sum") > 0
+            self.metrics.skipped(bad)
+            if self._device_skip:
+                self._gated_step(bad)
+            elif not bool(bad):  # the one host read of "skip" on optimizers without a found_inf kernel
+                self.optimizer.step()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._group_finite.fill_(True)
+
+    def _gated_step(self, bad: torch.Tensor) -> None:
+        """Step with a device-side flag: a fused kernel leaves weights and optimizer state alone where it is set."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(inner, torch.optim.SGD):
+            # A skipped first step would leave SGD's momentum buffer uninitialised; a zero buffer gives the
+            # same first step as torch's (buf = g).
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if group["momentum"] and "momentum_buffer" not in inner.state[p]:
+                        inner.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        inner.grad_scale, inner.found_inf = None, bad.float()
+        try:
+            self.optimizer.step()
+        finally:
+            del inner.grad_scale, inner.found_inf

@@ -1,0 +1,213 @@
+"""One optimizer step (`cifar_train.step`) and the loop around it: ghost batches and Dual-Cutout against hand
+computations, the non-finite-loss policies on the device, `torch.compile`, and no host read in the hot path."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from helpers import TINY_STEPS_PER_EPOCH, write_recipe
+from torch.overrides import TorchFunctionMode
+
+import cifar_models  # noqa: F401
+import cifar_train.loop
+from cifar_train import load_recipe
+from cifar_train.errors import UserError
+from cifar_train.losses import dual_cutout_loss, soft_cross_entropy
+from cifar_train.step import TrainStep, compile_mode
+
+
+def _step(model: torch.nn.Module, *, optimizer=None, accelerator=None, **options) -> TrainStep:
+    accelerator = accelerator or Accelerator(cpu=True)
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    settings = dict(
+        subdivision=1, dual_cutout_alpha=0.0, label_smoothing=0.0, grad_clip=0.0, nonfinite_loss="stop",
+        channels_last=False,
+    )  # fmt: skip
+    return TrainStep(accelerator, model, optimizer, **{**settings, **options})
+
+
+def _twins(name: str = "resnet20") -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    twin = timm.create_model(name, num_classes=10)
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def _batch(views: int = 1, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(views * size, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (size,), generator=generator).repeat(views)
+    return images, torch.nn.functional.one_hot(labels, 10).float()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_ghost_batch_step_equals_hand_computed_chunks(alpha):
+    model, twin = _twins()
+    step = _step(model, subdivision=2, dual_cutout_alpha=alpha)
+    images, targets = _batch(views=2 if alpha > 0 else 1)
+    loss, _, count = step.forward_backward(images, targets)
+    assert count == 8
+
+    # By hand: two chunks of 4 (per view), each its own forward (its own BN statistics), loss / 2 each.
+    total = 0.0
+    for chunk in range(2):
+        sl = slice(4 * chunk, 4 * chunk + 4)
+        if alpha > 0:
+            chunk_loss = dual_cutout_loss(twin(images[:8][sl]), twin(images[8:][sl]), targets[:8][sl], alpha)
+        else:
+            chunk_loss = soft_cross_entropy(twin(images[sl]), targets[sl])
+        (chunk_loss / 2).backward()
+        total += chunk_loss.item() / 2
+    assert loss.item() == pytest.approx(total, rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dual_cutout_loss_is_the_mean_cross_entropy_plus_alpha_times_the_mse_of_the_logits():
+    logits1 = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    logits2 = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    ce = lambda logits: -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()  # noqa: E731
+    # The seed's consistency term: mean of the squared differences of the logits (not of the softmaxes).
+    mse = ((1.0**2 + 1.0**2 + 1.0**2) + (0.5**2 + 1.5**2 + 2.0**2)) / 6
+    expected = 0.5 * (ce(logits1) + ce(logits2)) + 0.1 * mse
+    assert dual_cutout_loss(logits1, logits2, targets, 0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _poisoned(images: torch.Tensor) -> torch.Tensor:
+    images = images.clone()
+    images[0] = float("nan")
+    return images
+
+
+def test_skip_policy_skips_on_the_device_and_leaves_weights_and_optimizer_state_alone():
+    model, _ = _twins()
+    step = _step(model, nonfinite_loss="skip")
+    images, targets = _batch()
+    step(images, targets, 1)  # a good step: momentum buffers exist from here
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    classifier = model.get_classifier().weight.detach().clone()
+    buffers = {id(p): s["momentum_buffer"].clone() for p, s in step.optimizer.optimizer.state.items()}
+    with HostReads() as reads:
+        step(_poisoned(images), targets, 2)
+    assert reads.total == 0, reads.where  # skipped on the device, not by reading the loss
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
+    for p, state in step.optimizer.optimizer.state.items():
+        assert torch.equal(state["momentum_buffer"], buffers[id(p)]), "a skipped step changed the momentum"
+    step(images, targets, 3)
+    summary, _ = step.metrics.read(step.accelerator)
+    assert (summary["nonfinite"], summary["skipped"], summary["first_nonfinite"]) == (1, 1, 2)
+    assert summary["images"] == 16  # the skipped batch is not in the running loss and accuracy
+    assert not torch.equal(classifier, model.get_classifier().weight)  # the next good step trained
+
+
+def test_a_skipped_first_step_leaves_sgd_exactly_as_if_it_had_not_happened():
+    model, twin = _twins()
+    step = _step(model, nonfinite_loss="skip")
+    images, targets = _batch()
+    step(_poisoned(images), targets, 1)  # skipped before any momentum buffer existed
+    step(images, targets, 2)
+    reference = _step(twin, nonfinite_loss="stop")
+    reference(images, targets, 1)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_stop_policy_counts_the_first_bad_step_for_the_loop_to_report():
+    model, _ = _twins()
+    step = _step(model)
+    images, targets = _batch()
+    step(images, targets, 1)
+    step(_poisoned(images), targets, 2)
+    step(_poisoned(images), targets, 3)
+    summary, _ = step.metrics.read(step.accelerator)
+    assert (summary["nonfinite"], summary["first_nonfinite"], summary["skipped"]) == (2, 2, 0)
+
+
+def test_compiled_step_equals_the_eager_step():
+    """The whole step (forward, loss, and through AOTAutograd the backward) goes through torch.compile; the
+    cheap `aot_eager` backend checks the plumbing on a CPU (inductor's code generation is for the GPU check)."""
+    model, twin = _twins()
+    compiled = _step(model, compile="default", compile_backend="aot_eager")
+    eager = _step(twin)
+    images, targets = _batch()
+    for index in range(2):
+        compiled(images, targets, index + 1)
+        eager(images, targets, index + 1)
+    a, _ = compiled.metrics.read(compiled.accelerator)
+    b, _ = eager.metrics.read(eager.accelerator)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [(False, None), (True, "default"), ("default", "default"), ("reduce-overhead", "reduce-overhead")],
+)
+def test_compile_modes(value, mode):
+    assert compile_mode(value) == mode
+    with pytest.raises(UserError, match=r"model.compile = 'fast' is not allowed"):
+        compile_mode("fast")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# No host read in the hot path
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python (`item`, `tolist`, `bool()`, `float()`, `int()`, `numpy`, `cpu`)
+    issued from cifar_train or accelerate code: on a GPU each one waits for the device."""
+
+    READS: ClassVar[set[str]] = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.where.values())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:  # the caller outside torch
+                frame = frame.f_back
+            source = frame.f_code.co_filename if frame is not None else ""
+            if "/cifar_train/" in source or "/accelerate/" in source:
+                self.where[f"{Path(source).name}:{frame.f_lineno} {name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("every_steps", [1, 2, 1000])
+def test_the_hot_loop_reads_the_device_only_at_its_periodic_reads(tmp_path, digits_dir, monkeypatch, every_steps):
+    """Per epoch: one read group every `every_steps` optimizer steps, plus one at the end of the epoch; none per
+    step. (Before this was built: 75 reads in 32 steps.)"""
+    recipe = write_recipe(
+        tmp_path / "r.toml", digits_dir, train={"epochs": 2, "checkpoint_every": 100}, log={"every_steps": every_steps}
+    )
+    per_epoch: list[Counter] = []
+    real = cifar_train.loop.train_one_epoch
+
+    def counted(*args, **kwargs):
+        with HostReads() as reads:
+            result = real(*args, **kwargs)
+        per_epoch.append(reads.where)
+        return result
+
+    monkeypatch.setattr(cifar_train.loop, "train_one_epoch", counted)
+    cifar_train.loop.train(load_recipe(recipe), tmp_path / "run", log=lambda message: None)
+    expected = TINY_STEPS_PER_EPOCH // every_steps + 1  # periodic read groups + the end of the epoch
+    assert [sum(reads.values()) for reads in per_epoch] == [expected, expected], per_epoch
