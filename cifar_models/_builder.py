@@ -81,19 +81,21 @@ def build_cifar_model(
     model_cls: type[nn.Module],
     variant: str,
     pretrained: bool = False,
-    num_features: int = 4,
+    *,
+    feature_levels: int,
     **kwargs: Any,
 ) -> nn.Module:
     """Build `model_cls` through timm's builder.
 
-    `num_features` is how many entries the model's `feature_info` has (stem + stages); with
-    `features_only=True` all of them are returned unless the caller passes `out_indices`.
+    `feature_levels` is how many entries the model's `feature_info` has (stem + stages); with
+    `features_only=True` all of them are returned unless the caller passes `out_indices`. (It is not
+    timm's `num_features`, which is the width of the last feature map.)
     """
     return build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_features))),
+        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(feature_levels))),
         **kwargs,
     )
 

@@ -192,7 +192,7 @@ class DenseNet(PooledLinearHead, nn.Module):
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    return build_cifar_model(DenseNet, variant, pretrained, **kwargs)
+    return build_cifar_model(DenseNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -189,7 +189,7 @@ class PyramidNet(PooledLinearHead, nn.Module):
 
 
 def _create_pyramidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidNet:
-    return build_cifar_model(PyramidNet, variant, pretrained, **kwargs)
+    return build_cifar_model(PyramidNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

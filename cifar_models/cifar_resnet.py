@@ -173,7 +173,7 @@ class ResNet(nn.Module):
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
-    return build_cifar_model(ResNet, variant, pretrained, num_features=4, **kwargs)
+    return build_cifar_model(ResNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

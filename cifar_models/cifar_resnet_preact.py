@@ -238,7 +238,7 @@ class PreActResNet(nn.Module):
 
 
 def _create_resnet_preact(variant: str, pretrained: bool = False, **kwargs: Any) -> PreActResNet:
-    return build_cifar_model(PreActResNet, variant, pretrained, num_features=4, **kwargs)
+    return build_cifar_model(PreActResNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

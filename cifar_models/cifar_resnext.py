@@ -155,7 +155,7 @@ class ResNeXt(PooledLinearHead, nn.Module):
 
 
 def _create_resnext(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNeXt:
-    return build_cifar_model(ResNeXt, variant, pretrained, **kwargs)
+    return build_cifar_model(ResNeXt, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -235,7 +235,7 @@ class ShakeShakeResNet(PooledLinearHead, nn.Module):
 
 
 def _create_shake_shake(variant: str, pretrained: bool = False, **kwargs: Any) -> ShakeShakeResNet:
-    return build_cifar_model(ShakeShakeResNet, variant, pretrained, **kwargs)
+    return build_cifar_model(ShakeShakeResNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

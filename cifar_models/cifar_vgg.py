@@ -113,7 +113,7 @@ class VGG(nn.Module):
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
     n_stages = len(kwargs.get("layers", (2, 2, 3, 3, 3)))
-    return build_cifar_model(VGG, variant, pretrained, num_features=n_stages, **kwargs)
+    return build_cifar_model(VGG, variant, pretrained, feature_levels=n_stages, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

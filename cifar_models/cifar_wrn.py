@@ -136,7 +136,7 @@ class WideResNet(PooledLinearHead, nn.Module):
 
 
 def _create_wrn(variant: str, pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    return build_cifar_model(WideResNet, variant, pretrained, **kwargs)
+    return build_cifar_model(WideResNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
