@@ -1,7 +1,8 @@
-"""Shared pieces of the CIFAR model families: default pretrained cfg, weight init, timm builder call.
+"""Shared pieces of the CIFAR model families: the `CifarNet` base, pretrained cfg, weight init, timm builder call.
 
-Every family file builds its variants through `build_cifar_model`, so the timm contract
-(pretrained cfg, `features_only`, `feature_info`) is wired the same way for all of them.
+Every family's model class derives from `CifarNet` and every variant is built through `build_cifar_model`, so
+timm's contract (classifier head, pretrained cfg, `features_only`, `feature_info`) is written once and wired
+the same way for all of them.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier
-from timm.models import build_model_with_cfg
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, checkpoint_seq
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "INIT_MODES",
-    "PooledLinearHead",
+    "CifarNet",
     "build_cifar_model",
     "cifar_cfg",
     "init_weights",
@@ -43,8 +44,8 @@ def cifar_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "fixed_input_size": False,
         "mean": CIFAR10_MEAN,
         "std": CIFAR10_STD,
-        "first_conv": "conv",
-        "classifier": "fc",
+        "first_conv": "stem.conv",
+        "classifier": "head.fc",
         "license": "mit",
         **kwargs,
     }
@@ -100,12 +101,36 @@ def build_cifar_model(
     )
 
 
-class PooledLinearHead:
-    """timm's classifier methods for a model whose head is `self.global_pool` then `self.fc`.
+class CifarNet(nn.Module):
+    """timm's model contract, written once for every CIFAR family.
 
-    Mixed into model classes (before `nn.Module`) that set `num_classes`, `num_features`,
-    `global_pool` and `fc` with `timm.layers.create_classifier`, and read `grad_checkpointing`.
+    A family's `__init__` builds its layers in the order data flows through them, then calls `build_head`:
+
+    - `stem`: the input layers; feature level 0 (VGG has none: an `nn.Identity` that is no level);
+    - `stages`: an `nn.Sequential` of stages, one feature level each;
+    - `norm`: what follows the last stage (the final BN-ReLU of the pre-activation nets, a ReLU, or an
+      `nn.Identity`). The last feature level is taken after it, so `features_only` and the head see the
+      same map;
+    - `feature_info`: one dict per feature level, in that order;
+    - `head`: timm's `ClassifierHead`, global pool -> dropout (`drop_rate`) -> linear.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+
+    def build_head(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        """Add the classifier on the last feature level, and the attributes timm reads (`num_classes`, `drop_rate`,
+        `num_features`, `head_hidden_size`); call it after `stem`, `stages`, `norm` and `feature_info` are set."""
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        return dict(stem=r"^stem", blocks=[(blocks, None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -113,10 +138,23 @@ class PooledLinearHead:
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.fc
+        return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier (0 -> identity); `global_pool` '' drops pooling, None keeps it."""
         self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x, flatten=True)  # one segment per block
+        else:
+            x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

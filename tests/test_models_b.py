@@ -50,8 +50,8 @@ def test_param_count_matches_seed(name: str) -> None:
 def test_wrn_dropout_only_in_train_mode() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    with_dropout = WideResNet(depth=10, widen_factor=1, drop_rate=0.5)
-    without = WideResNet(depth=10, widen_factor=1, drop_rate=0.0)
+    with_dropout = WideResNet(depth=10, widen_factor=1, proj_drop_rate=0.5)
+    without = WideResNet(depth=10, widen_factor=1, proj_drop_rate=0.0)
     with_dropout.train()
     without.train()
     # BN in train mode is deterministic, so only dropout can make two passes differ.
@@ -61,11 +61,12 @@ def test_wrn_dropout_only_in_train_mode() -> None:
     assert torch.equal(with_dropout(x), with_dropout(x))
 
 
-def test_wrn_drop_rate_reaches_every_block() -> None:
-    model = timm.create_model("wrn16_4", drop_rate=0.3)
+def test_wrn_proj_drop_rate_reaches_every_block() -> None:
+    model = timm.create_model("wrn16_4", proj_drop_rate=0.3)
     blocks = [m for m in model.modules() if isinstance(m, WideBasicBlock)]
     assert len(blocks) == 6  # (16 - 4) / 6 = 2 blocks x 3 stages
-    assert all(b.drop_rate == 0.3 for b in blocks)
+    assert all(b.proj_drop_rate == 0.3 for b in blocks)
+    assert model.head.drop.p == 0.0  # drop_rate is the classifier's
 
 
 @pytest.mark.parametrize(("in_chs", "out_chs", "stride"), [(8, 8, 1), (8, 16, 2)])
@@ -115,7 +116,7 @@ def test_densenet_layers_concatenate_and_transitions_compress() -> None:
     assert [info["num_chs"] for info in model.feature_info] == [8, 16, 16, 16]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        stem = model.conv(x)
+        stem = model.stem(x)
         first_layer = model.stages[0][0]
         out = first_layer(stem)
     assert out.shape == (2, 8 + 4, 32, 32)
@@ -171,7 +172,7 @@ def test_pyramidnet_stem_has_bn_without_relu() -> None:
     x = torch.randn(2, 3, 32, 32)
     features = timm.create_model("pyramidnet110_84", features_only=True, out_indices=(0,)).eval()
     with torch.no_grad():
-        stem = model.bn(model.conv(x))
+        stem = model.stem(x)
         assert (stem < 0).any()  # no ReLU after the stem BN
         assert (features(x)[0] < 0).any()
 
@@ -199,7 +200,7 @@ def test_bad_arguments_name_the_value(build, match: str) -> None:
 @pytest.mark.parametrize(
     "model",
     [
-        WideResNet(depth=10, widen_factor=2, drop_rate=0.1, in_chans=1),
+        WideResNet(depth=10, widen_factor=2, proj_drop_rate=0.1, in_chans=1),
         DenseNet(depth=10, growth_rate=4, block_type="bottleneck", in_chans=1),
         DenseNet(depth=7, growth_rate=4, block_type="basic", compression_rate=1.0, in_chans=1),
         PyramidNet(depth=8, alpha=6, block_type="basic", in_chans=1),
