@@ -1,8 +1,8 @@
 """Shared pieces of the CIFAR model families: the `CifarNet` base, pretrained cfg, weight init, timm builder call.
 
 Every family's model class derives from `CifarNet` and every variant is built through `build_cifar_model`, so
-timm's contract (classifier head, pretrained cfg, `features_only`, `feature_info`) is written once and wired
-the same way for all of them.
+timm's contract (classifier head, `forward_intermediates`, pretrained cfg, `features_only`, `feature_info`) is
+written once and wired the same way for all of them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq
+from timm.models._features import feature_take_indices
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -109,8 +110,8 @@ class CifarNet(nn.Module):
     - `stem`: the input layers; feature level 0 (VGG has none: an `nn.Identity` that is no level);
     - `stages`: an `nn.Sequential` of stages, one feature level each;
     - `norm`: what follows the last stage (the final BN-ReLU of the pre-activation nets, a ReLU, or an
-      `nn.Identity`). The last feature level is taken after it, so `features_only` and the head see the
-      same map;
+      `nn.Identity`). The last feature level is taken after it, so `features_only`, `forward_intermediates`
+      and the head all see the same map;
     - `feature_info`: one dict per feature level, in that order;
     - `head`: timm's `ClassifierHead`, global pool -> dropout (`drop_rate`) -> linear.
     """
@@ -125,6 +126,7 @@ class CifarNet(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
+        self.first_stage_level = len(self.feature_info) - len(self.stages)  # 1 when the stem is a level, else 0
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
     @torch.jit.ignore
@@ -158,3 +160,67 @@ class CifarNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward pass that also returns the feature maps of the `feature_info` levels.
+
+        Args:
+            x: Input images.
+            indices: The last n levels if an int, all if None, the listed levels (negative from the end) if a list.
+            norm: Unused: the final `norm` is already part of the last level, and sized for it alone.
+            stop_early: Stop after the last level asked for; the final features are then that level's map.
+            output_fmt: Layout of the maps; only 'NCHW'.
+            intermediates_only: Return only the maps.
+
+        Returns:
+            The final features (as `forward_features`) and the list of maps, or only the maps.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' for CIFAR models; got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last_level = len(self.feature_info) - 1
+        intermediates = []
+        x = self.stem(x)
+        if self.first_stage_level == 1 and 0 in take_indices:
+            intermediates.append(x)
+        stages = self.stages[: max_index - self.first_stage_level + 1] if stop_early else self.stages
+        checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
+        for level, stage in enumerate(stages, start=self.first_stage_level):
+            x = checkpoint_seq(stage, x) if checkpointed else stage(x)
+            if level == last_level:
+                x = self.norm(x)
+            if level in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last level in `indices`, and the head; returns the kept levels.
+
+        `prune_norm` is unused: the final `norm` belongs to the last level and goes only with it. A model
+        cut short has no head whatever `prune_head` says, since the head is sized for the last level.
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.stages = self.stages[: max_index - self.first_stage_level + 1]
+        prune_end = max_index < len(self.feature_info) - 1
+        if prune_end:
+            self.norm = nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.num_classes = 0
+            self.head = ClassifierHead(self.num_features, 0, pool_type="", drop_rate=self.drop_rate)
+        return take_indices

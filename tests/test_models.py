@@ -380,3 +380,60 @@ def test_preact_first_block_shortcut_sees_preactivation():
         # bn1 with running stats 0/1 and weight 1 is ~identity, so only x > 0 reaches the shortcut through ReLU
         torch.testing.assert_close(on(x_on), on(x_on.clamp(min=0)))
         assert not torch.allclose(off(x_off), off(x_off.clamp(min=0)))
+
+
+# forward_intermediates / prune_intermediate_layers on every registered model.
+
+
+def _assert_same_maps(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_intermediates(name: str):
+    """One map per `feature_info` level, of its channels and reduction; the last is what the head sees; `indices`
+    as a count and as a list with negative entries, `stop_early` and `intermediates_only` select the same maps."""
+    model = _create_eval(name)
+    x = _input(model)
+    info = model.feature_info
+    with torch.no_grad():
+        features = model.forward_features(x)
+        final, maps = model.forward_intermediates(x)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        early_final, early_maps = model.forward_intermediates(x, indices=[0, -2], stop_early=True)
+    assert len(maps) == len(info)
+    for fmap, f in zip(maps, info):
+        assert fmap.shape[:2] == (BATCH, f["num_chs"]), f["module"]
+        assert x.shape[-1] // fmap.shape[-1] == f["reduction"], f["module"]
+    assert torch.equal(final, features)
+    assert torch.equal(maps[-1], final)
+    _assert_same_maps(last_two, maps[-2:])
+    _assert_same_maps(early_maps, [maps[0], maps[-2]])
+    assert torch.equal(early_final, maps[-2])
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_prune_intermediate_layers(name: str):
+    model = _create_eval(name)
+    x = _input(model)
+    n_levels = len(model.feature_info)
+    with torch.no_grad():
+        _, maps = model.forward_intermediates(x)
+    kept = model.prune_intermediate_layers([0, -2])
+    assert kept == [0, n_levels - 2]
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+    with torch.no_grad():
+        final, pruned_maps = model.forward_intermediates(x, indices=kept)
+        assert torch.equal(model.forward_head(final), final)
+    _assert_same_maps(pruned_maps, [maps[0], maps[-2]])
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_features_only_getter_matches_default(name: str):
+    default = _create(name, features_only=True).eval()
+    getter = _create(name, features_only=True, feature_cls="getter").eval()
+    x = _input(default)
+    with torch.no_grad():
+        _assert_same_maps(getter(x), default(x))
