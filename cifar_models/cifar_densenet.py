@@ -6,20 +6,23 @@ Three dense stages joined by transitions (BN-ReLU-conv1x1-avgpool). Every layer 
 `growth_rate` channels to its input. The basic variant uses one BN-ReLU-conv3x3 per layer and no
 compression; DenseNet-BC uses a 1x1 bottleneck of 4 * `growth_rate` channels and transitions that
 keep `compression_rate` of the channels. The stem conv has 2 * `growth_rate` channels in both, as
-in the seed project `hysts/pytorch_image_classification`.
+in the seed project `hysts/pytorch_image_classification`. Dropout after every conv of the dense layers and
+transitions (the paper's 0.2 without data augmentation) is `proj_drop_rate`, timm's DenseNet name for it;
+`drop_rate` is dropout before the classifier (not in the paper).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, create_classifier
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import BatchNormAct2d
+from timm.models import generate_default_cfgs, register_model
 
-from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["DenseBasicLayer", "DenseBottleneckLayer", "DenseNet", "DenseTransition", "densenet_stage_channels"]
 
@@ -29,25 +32,25 @@ BLOCK_TYPES = ("basic", "bottleneck")
 class DenseBasicLayer(nn.Module):
     """BN-ReLU-conv3x3 producing `growth_rate` new channels, concatenated to the input."""
 
-    def __init__(self, in_chs: int, growth_rate: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, in_chs: int, growth_rate: int, proj_drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.drop_rate = drop_rate
+        self.proj_drop_rate = proj_drop_rate
         self.bn = nn.BatchNorm2d(in_chs)
         self.conv = nn.Conv2d(in_chs, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(F.relu(self.bn(x)))
-        if self.drop_rate > 0.0:
-            y = F.dropout(y, p=self.drop_rate, training=self.training)
+        if self.proj_drop_rate > 0.0:
+            y = F.dropout(y, p=self.proj_drop_rate, training=self.training)
         return torch.cat([x, y], dim=1)
 
 
 class DenseBottleneckLayer(nn.Module):
     """BN-ReLU-conv1x1 to 4 * `growth_rate`, then BN-ReLU-conv3x3 to `growth_rate`, concatenated to the input."""
 
-    def __init__(self, in_chs: int, growth_rate: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, in_chs: int, growth_rate: int, proj_drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.drop_rate = drop_rate
+        self.proj_drop_rate = proj_drop_rate
         bottleneck_chs = 4 * growth_rate
         self.bn1 = nn.BatchNorm2d(in_chs)
         self.conv1 = nn.Conv2d(in_chs, bottleneck_chs, kernel_size=1, stride=1, bias=False)
@@ -56,27 +59,27 @@ class DenseBottleneckLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(F.relu(self.bn1(x)))
-        if self.drop_rate > 0.0:
-            y = F.dropout(y, p=self.drop_rate, training=self.training)
+        if self.proj_drop_rate > 0.0:
+            y = F.dropout(y, p=self.proj_drop_rate, training=self.training)
         y = self.conv2(F.relu(self.bn2(y), inplace=True))
-        if self.drop_rate > 0.0:
-            y = F.dropout(y, p=self.drop_rate, training=self.training)
+        if self.proj_drop_rate > 0.0:
+            y = F.dropout(y, p=self.proj_drop_rate, training=self.training)
         return torch.cat([x, y], dim=1)
 
 
 class DenseTransition(nn.Module):
     """BN-ReLU-conv1x1 (channel compression) then 2x2 average pooling (halves the resolution)."""
 
-    def __init__(self, in_chs: int, out_chs: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, in_chs: int, out_chs: int, proj_drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.drop_rate = drop_rate
+        self.proj_drop_rate = proj_drop_rate
         self.bn = nn.BatchNorm2d(in_chs)
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(F.relu(self.bn(x)))
-        if self.drop_rate > 0.0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        if self.proj_drop_rate > 0.0:
+            x = F.dropout(x, p=self.proj_drop_rate, training=self.training)
         return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
@@ -109,7 +112,7 @@ def densenet_stage_channels(
     return channels
 
 
-class DenseNet(PooledLinearHead, nn.Module):
+class DenseNet(CifarNet):
     """DenseNet(-BC) for 32x32 inputs: stem conv, three dense stages, final BN-ReLU, pooled linear head."""
 
     def __init__(
@@ -118,10 +121,11 @@ class DenseNet(PooledLinearHead, nn.Module):
         growth_rate: int = 12,
         block_type: str = "bottleneck",
         compression_rate: float = 0.5,
-        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
         num_classes: int = 10,
         in_chans: int = 3,
         global_pool: str = "avg",
+        drop_rate: float = 0.0,
         init_mode: str = "kaiming_fan_out",
     ) -> None:
         """
@@ -130,31 +134,33 @@ class DenseNet(PooledLinearHead, nn.Module):
             growth_rate: channels added by every dense layer (k).
             block_type: 'basic' (conv3x3) or 'bottleneck' (conv1x1 to 4k, then conv3x3).
             compression_rate: fraction of channels a transition keeps (1.0 = no compression).
-            drop_rate: dropout probability after every conv of the dense layers and transitions.
+            proj_drop_rate: dropout probability after every conv of the dense layers and transitions.
             num_classes: classifier outputs; 0 removes the classifier.
             in_chans: input image channels.
             global_pool: timm pooling type before the classifier; '' keeps the unpooled map.
+            drop_rate: dropout before the classifier (not in the paper or the seed; 0 reproduces them).
             init_mode: conv weight initialisation, one of `_builder.INIT_MODES`.
         """
         super().__init__()
         stage_chs = densenet_stage_channels(depth, growth_rate, block_type, compression_rate)
         layer_cls = DenseBasicLayer if block_type == "basic" else DenseBottleneckLayer
         layers_per_stage = (stage_chs[0][1] - stage_chs[0][0]) // growth_rate
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
-        self.conv = nn.Conv2d(in_chans, stage_chs[0][0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.feature_info = [dict(num_chs=stage_chs[0][0], reduction=1, module="conv")]
+        self.stem = nn.Sequential(
+            OrderedDict(conv=nn.Conv2d(in_chans, stage_chs[0][0], kernel_size=3, stride=1, padding=1, bias=False))
+        )
+        self.feature_info = [dict(num_chs=stage_chs[0][0], reduction=1, module="stem.conv")]
 
         stages = []
         prev_chs, reduction = stage_chs[0][0], 1
         for stage_idx, (in_chs, out_chs) in enumerate(stage_chs):
             layers: list[nn.Module] = []
             if stage_idx > 0:
-                layers.append(DenseTransition(prev_chs, in_chs, drop_rate))
+                layers.append(DenseTransition(prev_chs, in_chs, proj_drop_rate))
                 reduction *= 2
-            layers += [layer_cls(in_chs + i * growth_rate, growth_rate, drop_rate) for i in range(layers_per_stage)]
+            layers += [
+                layer_cls(in_chs + i * growth_rate, growth_rate, proj_drop_rate) for i in range(layers_per_stage)
+            ]
             stages.append(nn.Sequential(*layers))
             prev_chs = out_chs
             if stage_idx < 2:
@@ -164,35 +170,12 @@ class DenseNet(PooledLinearHead, nn.Module):
         self.norm = BatchNormAct2d(prev_chs)
         self.feature_info.append(dict(num_chs=prev_chs, reduction=reduction, module="norm"))
 
-        self.num_features = self.head_hidden_size = prev_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.build_head(num_classes, global_pool, drop_rate)
         init_weights(self, init_mode)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r"^conv",
-            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))],
-        )
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    return build_cifar_model(DenseNet, variant, pretrained, **kwargs)
+    return build_cifar_model(DenseNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -12,15 +12,16 @@ bottleneck with 4x expansion, with no ReLU before the first conv, as in the seed
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, create_classifier
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import BatchNormAct2d
+from timm.models import generate_default_cfgs, register_model
 
-from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["PyramidBasicBlock", "PyramidBottleneckBlock", "PyramidNet", "pyramidnet_widths"]
 
@@ -106,7 +107,7 @@ def pyramidnet_widths(depth: int, alpha: float, initial_channels: int = 16, bloc
     return [initial_channels] + [round(w) * expansion for w in widths[1:]]
 
 
-class PyramidNet(PooledLinearHead, nn.Module):
+class PyramidNet(CifarNet):
     """PyramidNet for 32x32 inputs: conv-BN stem, three pyramidal stages, final BN-ReLU, pooled linear head."""
 
     def __init__(
@@ -118,6 +119,7 @@ class PyramidNet(PooledLinearHead, nn.Module):
         num_classes: int = 10,
         in_chans: int = 3,
         global_pool: str = "avg",
+        drop_rate: float = 0.0,
         init_mode: str = "kaiming_fan_out",
     ) -> None:
         """
@@ -129,18 +131,21 @@ class PyramidNet(PooledLinearHead, nn.Module):
             num_classes: classifier outputs; 0 removes the classifier.
             in_chans: input image channels.
             global_pool: timm pooling type before the classifier; '' keeps the unpooled map.
+            drop_rate: dropout before the classifier (not in the paper or the seed; 0 reproduces them).
             init_mode: conv weight initialisation, one of `_builder.INIT_MODES`.
         """
         super().__init__()
         widths = pyramidnet_widths(depth, alpha, initial_channels, block_type)
         block_cls = PyramidBasicBlock if block_type == "basic" else PyramidBottleneckBlock
         blocks_per_stage = (len(widths) - 1) // 3
-        self.num_classes = num_classes
-        self.grad_checkpointing = False
 
-        self.conv = nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(initial_channels)
-        self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="bn")]
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False),
+                bn=nn.BatchNorm2d(initial_channels),
+            )
+        )
+        self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="stem.bn")]
 
         stages = []
         reduction = 1
@@ -161,35 +166,12 @@ class PyramidNet(PooledLinearHead, nn.Module):
         self.norm = BatchNormAct2d(widths[-1])
         self.feature_info.append(dict(num_chs=widths[-1], reduction=reduction, module="norm"))
 
-        self.num_features = self.head_hidden_size = widths[-1]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.build_head(num_classes, global_pool, drop_rate)
         init_weights(self, init_mode)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r"^conv|^bn",
-            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))],
-        )
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_pyramidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidNet:
-    return build_cifar_model(PyramidNet, variant, pretrained, **kwargs)
+    return build_cifar_model(PyramidNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

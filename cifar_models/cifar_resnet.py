@@ -16,10 +16,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
 
@@ -88,7 +87,7 @@ def blocks_per_stage(depth: int, block_type: str) -> int:
     return n
 
 
-class ResNet(nn.Module):
+class ResNet(CifarNet):
     """CIFAR ResNet: 3x3 stem (conv-BN-ReLU), three stages at strides 1 / 2 / 2, global average pool, linear."""
 
     def __init__(
@@ -113,9 +112,6 @@ class ResNet(nn.Module):
         super().__init__()
         n_blocks = blocks_per_stage(depth, block_type)
         block = BasicBlock if block_type == "basic" else Bottleneck
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
             OrderedDict(
@@ -136,59 +132,25 @@ class ResNet(nn.Module):
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{stage_idx}"))
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()  # post-activation blocks end in a ReLU already
 
-        self.num_features = self.head_hidden_size = in_chs
-        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.build_head(num_classes, global_pool, drop_rate)
         init_weights(self, init_mode)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
-    return build_cifar_model(ResNet, variant, pretrained, num_features=4, **kwargs)
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return cifar_cfg(first_conv="stem.conv", classifier="head.fc", **kwargs)
+    return build_cifar_model(ResNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
     {
-        "resnet20": _cfg(),
-        "resnet32": _cfg(),
-        "resnet44": _cfg(),
-        "resnet56": _cfg(),
-        "resnet110": _cfg(),
-        "resnet1202": _cfg(),
-        "resnet164": _cfg(),
+        "resnet20": cifar_cfg(),
+        "resnet32": cifar_cfg(),
+        "resnet44": cifar_cfg(),
+        "resnet56": cifar_cfg(),
+        "resnet110": cifar_cfg(),
+        "resnet1202": cifar_cfg(),
+        "resnet164": cifar_cfg(),
     }
 )
 

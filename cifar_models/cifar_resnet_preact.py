@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, ClassifierHead, SEModule
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import BatchNormAct2d, SEModule
+from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
 from .cifar_resnet import blocks_per_stage
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet"]
@@ -126,7 +126,7 @@ class PreActBottleneck(nn.Module):
         return y
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(CifarNet):
     """CIFAR pre-activation ResNet: 3x3 stem conv, three stages, final BN-ReLU, global average pool, linear.
 
     Setting `se_reduction` turns it into the SE-ResNet-preact of the seed (an SE gate in every block).
@@ -165,9 +165,6 @@ class PreActResNet(nn.Module):
         if len(preact_stage) != 3 or not all(isinstance(p, bool) for p in preact_stage):
             raise ValueError(f"preact_stage must be three booleans, one per stage; got {preact_stage!r}")
         block = PreActBasicBlock if block_type == "basic" else PreActBottleneck
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
             OrderedDict(conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False))
@@ -199,63 +196,25 @@ class PreActResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.norm = BatchNormAct2d(in_chs, act_layer=nn.ReLU)
 
-        self.num_features = self.head_hidden_size = in_chs
-        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.build_head(num_classes, global_pool, drop_rate)
         init_weights(self, init_mode)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r"^stem",
-            blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_resnet_preact(variant: str, pretrained: bool = False, **kwargs: Any) -> PreActResNet:
-    return build_cifar_model(PreActResNet, variant, pretrained, num_features=4, **kwargs)
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return cifar_cfg(first_conv="stem.conv", classifier="head.fc", **kwargs)
+    return build_cifar_model(PreActResNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
     {
-        "resnet_preact20": _cfg(),
-        "resnet_preact32": _cfg(),
-        "resnet_preact44": _cfg(),
-        "resnet_preact50": _cfg(),
-        "resnet_preact56": _cfg(),
-        "resnet_preact110": _cfg(),
-        "resnet_preact164": _cfg(),
-        "resnet_preact1001": _cfg(),
-        "se_resnet_preact110": _cfg(),
+        "resnet_preact20": cifar_cfg(),
+        "resnet_preact32": cifar_cfg(),
+        "resnet_preact44": cifar_cfg(),
+        "resnet_preact50": cifar_cfg(),
+        "resnet_preact56": cifar_cfg(),
+        "resnet_preact110": cifar_cfg(),
+        "resnet_preact164": cifar_cfg(),
+        "resnet_preact1001": cifar_cfg(),
+        "se_resnet_preact110": cifar_cfg(),
     }
 )
 

@@ -10,14 +10,14 @@ as `models/cifar/resnext.py` of hysts/pytorch_image_classification.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["ResNeXt", "ResNeXtBottleneck"]
 
@@ -66,7 +66,7 @@ class ResNeXtBottleneck(nn.Module):
         return self.act3(x + shortcut)
 
 
-class ResNeXt(PooledLinearHead, nn.Module):
+class ResNeXt(CifarNet):
     """ResNeXt for 32x32 inputs: stem conv-BN-ReLU, three bottleneck stages (strides 1, 2, 2), global pool, linear."""
 
     def __init__(
@@ -96,14 +96,15 @@ class ResNeXt(PooledLinearHead, nn.Module):
         if depth < 11 or (depth - 2) % 9:
             raise ValueError(f"ResNeXt depth must be 9 * n + 2 with n >= 1 (29, 38, ...); got {depth}")
         blocks_per_stage = (depth - 2) // 9
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
-        self.conv = nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(initial_channels)
-        self.act = nn.ReLU(inplace=True)
-        self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="act")]
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False),
+                bn=nn.BatchNorm2d(initial_channels),
+                act=nn.ReLU(inplace=True),
+            )
+        )
+        self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="stem.act")]
 
         stages = []
         in_chs = initial_channels
@@ -126,36 +127,14 @@ class ResNeXt(PooledLinearHead, nn.Module):
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=2**stage_idx, module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()  # post-activation blocks end in a ReLU already
 
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
+        self.build_head(num_classes, global_pool, drop_rate)
         init_weights(self, init_mode)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^conv|^bn", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn(self.conv(x)))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x, flatten=True)
-        else:
-            x = self.stages(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate > 0.0:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_resnext(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNeXt:
-    return build_cifar_model(ResNeXt, variant, pretrained, **kwargs)
+    return build_cifar_model(ResNeXt, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

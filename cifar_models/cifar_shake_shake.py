@@ -11,15 +11,16 @@ Same layers, order and initialisation as `models/cifar/shake_shake.py` of
 hysts/pytorch_image_classification (16-channel stem, widths initial_channels * (1, 2, 4)).
 """
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import create_classifier, register_notrace_function
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import register_notrace_function
+from timm.models import generate_default_cfgs, register_model
 
-from ._builder import PooledLinearHead, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = [
     "ShakeShakeBlock",
@@ -141,7 +142,7 @@ class ShakeShakeBlock(nn.Module):
         return self.shortcut(x) + mixed
 
 
-class ShakeShakeResNet(PooledLinearHead, nn.Module):
+class ShakeShakeResNet(CifarNet):
     """Shake-Shake ResNet for 32x32 inputs: stem conv-BN, three stages of shake-shake blocks (strides 1, 2, 2),
     final ReLU, global pool, linear."""
 
@@ -174,13 +175,14 @@ class ShakeShakeResNet(PooledLinearHead, nn.Module):
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"shake-shake depth must be 6 * n + 2 with n >= 1 (26, 32, ...); got {depth}")
         blocks_per_stage = (depth - 2) // 6
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
-        self.conv = nn.Conv2d(in_chans, stem_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(stem_channels)
-        self.feature_info = [dict(num_chs=stem_channels, reduction=1, module="bn")]
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_chans, stem_channels, kernel_size=3, stride=1, padding=1, bias=False),
+                bn=nn.BatchNorm2d(stem_channels),
+            )
+        )
+        self.feature_info = [dict(num_chs=stem_channels, reduction=1, module="stem.bn")]
 
         stages = []
         in_chs = stem_channels
@@ -202,40 +204,17 @@ class ShakeShakeResNet(PooledLinearHead, nn.Module):
                 in_chs = out_chs
             stages.append(nn.Sequential(*blocks))
             # the last stage is reported after the final ReLU, as timm does for pre-activation nets
-            module = f"stages.{stage_idx}" if stage_idx < 2 else "final_act"
+            module = f"stages.{stage_idx}" if stage_idx < 2 else "norm"
             self.feature_info.append(dict(num_chs=out_chs, reduction=2**stage_idx, module=module))
         self.stages = nn.Sequential(*stages)
-        self.final_act = nn.ReLU(inplace=True)
+        self.norm = nn.ReLU(inplace=True)  # a final activation in `CifarNet`'s norm slot (no normalisation)
 
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
+        self.build_head(num_classes, global_pool, drop_rate)
         init_weights(self, init_mode)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^conv|^bn", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x, flatten=True)
-        else:
-            x = self.stages(x)
-        return self.final_act(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate > 0.0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_shake_shake(variant: str, pretrained: bool = False, **kwargs: Any) -> ShakeShakeResNet:
-    return build_cifar_model(ShakeShakeResNet, variant, pretrained, **kwargs)
+    return build_cifar_model(ShakeShakeResNet, variant, pretrained, feature_levels=4, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -13,32 +13,35 @@ average pool instead of a flatten, so any input size works (at 32x32 the map is 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
 
 __all__ = ["VGG"]
 
 
+def _conv_unit(in_chs: int, out_chs: int, use_bn: bool) -> nn.Sequential:
+    """conv3x3 (with bias, as the seed) [-BN] -ReLU: one block of a stage, one gradient-checkpointing segment."""
+    unit = nn.Sequential(OrderedDict(conv=nn.Conv2d(in_chs, out_chs, kernel_size=3, padding=1)))
+    if use_bn:
+        unit.add_module("bn", nn.BatchNorm2d(out_chs))
+    unit.add_module("act", nn.ReLU(inplace=True))
+    return unit
+
+
 def _make_stage(in_chs: int, out_chs: int, n_layers: int, use_bn: bool) -> nn.Sequential:
-    """`n_layers` x (conv3x3 [-BN] -ReLU), then a 2x2 max pool (stride 2)."""
-    stage = nn.Sequential()
-    for i in range(n_layers):
-        stage.add_module(f"conv{i}", nn.Conv2d(in_chs if i == 0 else out_chs, out_chs, kernel_size=3, padding=1))
-        if use_bn:
-            stage.add_module(f"bn{i}", nn.BatchNorm2d(out_chs))
-        stage.add_module(f"act{i}", nn.ReLU(inplace=True))
-    stage.add_module("pool", nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
-    return stage
+    """`n_layers` conv units, then a 2x2 max pool (stride 2)."""
+    units = [_conv_unit(in_chs if i == 0 else out_chs, out_chs, use_bn) for i in range(n_layers)]
+    return nn.Sequential(*units, nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
 
 
-class VGG(nn.Module):
+class VGG(CifarNet):
     """Five conv stages, each halving the resolution, then global pool and one linear classifier."""
 
     def __init__(
@@ -66,9 +69,7 @@ class VGG(nn.Module):
             raise ValueError(
                 f"channels and layers must be equally long, non-empty and positive; got {channels} and {layers}"
             )
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
+        self.stem = nn.Identity()  # the first conv belongs to stage 0, as in the seed; the stem is no feature level
 
         in_chs, stages, self.feature_info = in_chans, [], []
         for stage_idx, (out_chs, n_layers) in enumerate(zip(channels, layers)):
@@ -77,50 +78,23 @@ class VGG(nn.Module):
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{stage_idx}"))
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()
 
-        self.num_features = self.head_hidden_size = in_chs
-        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.build_head(num_classes, global_pool, drop_rate)
         init_weights(self, init_mode)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.\D+(\d+)"  # fine: a group per conv and its BN
-        return dict(stem=r"^stages\.0\.(?:conv|bn)0\.", blocks=blocks)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"  # fine: a group per conv unit
+        return dict(stem=r"^stages\.0\.0\.", blocks=blocks)  # no stem: the first conv unit stands in for it
 
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
     n_stages = len(kwargs.get("layers", (2, 2, 3, 3, 3)))
-    return build_cifar_model(VGG, variant, pretrained, num_features=n_stages, **kwargs)
+    return build_cifar_model(VGG, variant, pretrained, feature_levels=n_stages, **kwargs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return cifar_cfg(first_conv="stages.0.conv0", classifier="head.fc", pool_size=(1, 1), **kwargs)
-
-
-default_cfgs = generate_default_cfgs({"vgg15_bn": _cfg()})
+default_cfgs = generate_default_cfgs({"vgg15_bn": cifar_cfg(first_conv="stages.0.0.conv", pool_size=(1, 1))})
 
 
 @register_model

@@ -1,20 +1,31 @@
-"""Registry-parametrised tests: every model `cifar_models` registers gets the same checks, with no per-model code.
+"""timm's model contract, checked on every model `cifar_models` registers, with no per-model code.
 
-A new variant is picked up automatically; its exact parameter count must be added to `PARAM_COUNTS`.
+A new variant is picked up automatically; its exact parameter count must be added to `PARAM_COUNTS` (the one
+place counts are asserted). Each model is built once, by the module-scoped `built` fixture: pytest runs all the
+tests of one model together, then drops it. Tests that change a model change a deep copy.
+
+Checks that exercise a family's code rather than a variant's data (create-time kwargs, feature extractors,
+TorchScript, FX, gradient checkpointing) run on the smallest registered model of each family (`ON_SAMPLE`
+reuses the same built models).
+Family-specific architecture checks live in test_model_families.py.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
+from functools import cached_property
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 from timm.models import model_entrypoint
+from timm.models._features import FeatureListNet
 
+import cifar_models
 from cifar_models import CIFAR10_MEAN, CIFAR10_STD, FAMILY_MODULES, list_cifar_models
 
 # Exact parameter counts at 10 classes, 3x32x32 (design.md's table; seed-exact except the two bottleneck
@@ -65,23 +76,31 @@ KWARG_PARAM_COUNTS = [
     ("resnet_preact20", dict(initial_channels=64), 4_326_986),  # "widening factor 4"
 ]
 
-# Too slow for a backward pass on 2 CPU cores: these get a no-grad forward (output shape) only.
+# Too slow for a backward pass on 2 shared CPU cores (over ~25M parameters, or 1000 layers): these get a no-grad
+# training forward (output shape) only. The smaller variants of each family run the same code with a backward.
 FORWARD_ONLY = {
     "resnet1202",
     "resnet_preact1001",
-    "resnext29_16x64d",
+    "wrn28_10",
+    "densenet100_k24",
     "densenet_bc250_k24",
     "densenet_bc190_k40",
+    "pyramidnet110_270",
+    "pyramidnet164_270",
     "pyramidnet272_200",
+    "resnext29_8x64d",
+    "resnext29_16x64d",
+    "shake_shake26_2x96d",
+    "shake_shake26_2x128d",
 }
 
 ALL_MODELS = list_cifar_models()
-BACKWARD_MODELS = [name for name in ALL_MODELS if name not in FORWARD_ONLY]
-FORWARD_ONLY_MODELS = [name for name in ALL_MODELS if name in FORWARD_ONLY]
+TRAIN_BATCH = 2  # training-mode forward/backward
+EVAL_BATCH = 1  # eval-mode checks: a sample's output does not depend on its batch (test_eval_output_is_per_sample)
 
 
 def _smallest_per_family() -> list[str]:
-    """The smallest registered model of each family module: the sample for the slow checks (script, FX)."""
+    """The smallest registered model of each family module: the sample for the family-level checks."""
     sample = []
     for module in FAMILY_MODULES:
         names = timm.list_models(module=module)
@@ -91,12 +110,12 @@ def _smallest_per_family() -> list[str]:
 
 
 SAMPLE_MODELS = _smallest_per_family()
-BATCH = 2
+ON_SAMPLE = pytest.mark.parametrize("built", SAMPLE_MODELS, indirect=True)  # the `built` fixture, on the sample
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Batch-2 forwards are per-op overhead, not arithmetic: one thread is faster and avoids OpenMP spin-waits
+    """Small-batch forwards are per-op overhead, not arithmetic: one thread is faster and avoids OpenMP spin-waits
     that multiply CPU time when the cores are shared."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -109,27 +128,70 @@ def _create(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _create_eval(name: str, **kwargs) -> nn.Module:
-    """A model in eval mode whose BN running statistics come from one batch, as after training.
-
-    Freshly initialised statistics (mean 0, var 1) make very deep post-activation nets (resnet1202) overflow
-    in eval mode, which says nothing about the model.
-    """
-    model = _create(name, **kwargs)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # cumulative average: after one batch, the running stats are that batch's
-    with torch.no_grad():
-        model.train()(torch.randn(4, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(2)))
-    return model.eval()
-
-
-def _input(model: nn.Module, batch: int = BATCH) -> torch.Tensor:
-    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
+def _input(model: nn.Module, batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(seed))
 
 
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _assert_same_maps(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+
+
+class Built:
+    """One registered model, shared by its tests, and its outputs, each computed once.
+
+    The first use runs one training-mode forward at batch `TRAIN_BATCH` (with gradients, except for FORWARD_ONLY):
+    it is `train_output` for test_train_forward_backward, and it sets the BN running statistics to that batch's,
+    so that `model` is then in eval mode as after training. (Freshly initialised statistics, mean 0 and var 1,
+    make very deep post-activation nets such as resnet1202 overflow in eval mode, which says nothing about them.)
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._model = _create(name)
+
+    @cached_property
+    def train_output(self) -> torch.Tensor:
+        for module in self._model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = None  # cumulative average: after one batch, the running stats are that batch's
+        x = _input(self._model, TRAIN_BATCH, seed=2)
+        with torch.set_grad_enabled(self.name not in FORWARD_ONLY):
+            out = self._model.train()(x)
+        self._model.eval()
+        return out
+
+    @property
+    def model(self) -> nn.Module:
+        self.train_output  # noqa: B018  (BN statistics first)
+        return self._model
+
+    @cached_property
+    def x(self) -> torch.Tensor:
+        return _input(self._model, EVAL_BATCH)
+
+    @cached_property
+    def features(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.forward_features(self.x)
+
+    @cached_property
+    def intermediates(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            return self.model.forward_intermediates(self.x)
+
+
+@pytest.fixture(scope="module", params=ALL_MODELS)
+def built(request: pytest.FixtureRequest) -> Built:
+    return Built(request.param)
+
+
+# Registry ---------------------------------------------------------------------------------------------------
 
 
 def test_registry_lists_every_table_model():
@@ -140,12 +202,13 @@ def test_registry_lists_every_table_model():
 def test_every_family_registers_models():
     empty = [module for module in FAMILY_MODULES if not timm.list_models(module=module)]
     assert not empty, f"family modules that register no model: {empty}"
+    assert all(getattr(cifar_models, module).__name__ == f"cifar_models.{module}" for module in FAMILY_MODULES)
+    assert set(FAMILY_MODULES) <= set(cifar_models.__all__)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_param_count(name: str):
-    assert name in PARAM_COUNTS, f"{name} is registered but has no expected count in PARAM_COUNTS; add it"
-    assert _n_params(_create(name)) == PARAM_COUNTS[name]
+def test_param_count(built: Built):
+    assert built.name in PARAM_COUNTS, f"{built.name} is registered but has no expected count in PARAM_COUNTS; add it"
+    assert _n_params(built.model) == PARAM_COUNTS[built.name]
 
 
 @pytest.mark.parametrize(("name", "kwargs", "expected"), KWARG_PARAM_COUNTS)
@@ -153,87 +216,46 @@ def test_param_count_with_kwargs(name: str, kwargs: dict, expected: int):
     assert _n_params(_create(name, **kwargs)) == expected
 
 
-@pytest.mark.parametrize("name", BACKWARD_MODELS)
-def test_forward_backward(name: str):
-    model = _create(name).train()
-    out = model(_input(model))
-    assert out.shape == (BATCH, 10)
-    out.square().mean().backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"
+# Every model: forward, head, pretrained cfg, intermediates ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FORWARD_ONLY_MODELS)
-def test_forward_shape_only(name: str):
-    """The largest models: forward only (backward skipped to keep CPU time small)."""
-    model = _create(name).train()
-    with torch.no_grad():
-        out = model(_input(model))
-    assert out.shape == (BATCH, 10)
+def test_train_forward_backward(built: Built):
+    """Training-mode forward at batch 2, then a backward that reaches every parameter. The largest models
+    (FORWARD_ONLY) run the forward without gradients: their backward costs too much CPU time."""
+    out = built.train_output
+    assert out.shape == (TRAIN_BATCH, 10)
     assert torch.isfinite(out).all()
+    if built.name not in FORWARD_ONLY:
+        out.square().mean().backward()
+        model = built.model
+        no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        model.zero_grad(set_to_none=True)
+        assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_timm_contract(name: str):
-    """Attributes, forward_features/forward_head, classifier, reset_classifier, eval determinism, in one build;
-    the classifier changes are checked on the cached features."""
-    model = _create_eval(name)
-    cfg, x = model.pretrained_cfg, _input(model)
+def test_timm_contract(built: Built):
+    """Attributes, forward_features -> forward_head(pre_logits=...) and the classifier they reach.
+    (`forward` is checked by test_train_forward_backward, repeatability by test_forward_intermediates,
+    `reset_classifier` on each family by test_reset_classifier.)"""
+    model, x, features = built.model, built.x, built.features
+    cfg = model.pretrained_cfg
     assert model.num_classes == 10
     assert model.num_features == model.feature_info[-1]["num_chs"]
     with torch.no_grad():
-        features = model.forward_features(x)
         pre_logits = model.forward_head(features, pre_logits=True)
         logits = model.forward_head(features)
-        whole = model(x)
-    assert features.shape[:2] == (BATCH, model.num_features)
+    assert features.shape[:2] == (len(x), model.num_features)
     assert tuple(features.shape[2:]) == tuple(cfg["pool_size"])
-    assert pre_logits.shape == (BATCH, model.head_hidden_size)
+    assert pre_logits.shape == (len(x), model.head_hidden_size)
+    assert logits.shape == (len(x), 10)
     classifier = model.get_classifier()
     assert isinstance(classifier, nn.Linear)
     assert (classifier.in_features, classifier.out_features) == (model.head_hidden_size, 10)
     torch.testing.assert_close(logits, classifier(pre_logits))
-    assert torch.equal(whole, logits), "eval-mode forward is not repeatable"
-
-    model.reset_classifier(5)
-    assert model.num_classes == 5 and model.get_classifier().out_features == 5
-    with torch.no_grad():
-        assert model.forward_head(features).shape == (BATCH, 5)
-        model.reset_classifier(0, "")
-        assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
-        torch.testing.assert_close(model.forward_head(features), features)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_create_unpooled(name: str):
-    model = _create(name, num_classes=0, global_pool="").train()
-    with torch.no_grad():
-        out = model(_input(model))
-    assert out.ndim == 4
-    assert out.shape[:2] == (BATCH, model.num_features)
-    assert tuple(out.shape[2:]) == tuple(model.pretrained_cfg["pool_size"])
-
-
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_features_only(name: str):
-    info = _create(name).feature_info
-    model = _create(name, features_only=True).train()
-    assert model.feature_info.channels() == [f["num_chs"] for f in info]
-    assert model.feature_info.reduction() == [f["reduction"] for f in info]
-    x = _input(model)
-    with torch.no_grad():
-        maps = model(x)
-    assert len(maps) == len(info)
-    for fmap, f in zip(maps, info):
-        assert fmap.shape[:2] == (BATCH, f["num_chs"]), f["module"]
-        assert x.shape[-1] // fmap.shape[-1] == f["reduction"], f["module"]
-        assert x.shape[-2] // fmap.shape[-2] == f["reduction"], f["module"]
-    assert tuple(maps[-1].shape[2:]) == tuple(model.pretrained_cfg["pool_size"])
-
-
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_pretrained_cfg(name: str):
-    model = _create(name)
+def test_pretrained_cfg(built: Built):
+    model = built.model
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, 32, 32)
     assert cfg["num_classes"] == 10
@@ -249,66 +271,167 @@ def test_pretrained_cfg(name: str):
     assert model.get_classifier() is model.get_submodule(classifier)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_intermediates(built: Built):
+    """One map per `feature_info` level, of its channels and reduction; the last is what the head sees; `indices`
+    as a list with negative entries and `stop_early` select the same maps."""
+    model, x = built.model, built.x
+    final, maps = built.intermediates
+    info = model.feature_info
+    assert len(maps) == len(info)
+    for fmap, f in zip(maps, info):
+        assert fmap.shape[:2] == (len(x), f["num_chs"]), f["module"]
+        assert x.shape[-2] // fmap.shape[-2] == f["reduction"], f["module"]
+        assert x.shape[-1] // fmap.shape[-1] == f["reduction"], f["module"]
+    assert torch.equal(final, built.features)
+    assert torch.equal(maps[-1], final)
+
+    with torch.no_grad():
+        early_final, early_maps = model.forward_intermediates(x, indices=[0, -2], stop_early=True)
+    _assert_same_maps(early_maps, [maps[0], maps[-2]])
+    assert torch.equal(early_final, maps[-2]), "stop_early ends at the last level asked for"
+
+
+@ON_SAMPLE
+def test_forward_intermediates_index_forms(built: Built):
+    """`indices` as a count of last levels with `intermediates_only`; bad indices and layouts are errors."""
+    model, x = built.model, built.x
+    _, maps = built.intermediates
+    with torch.no_grad():
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    _assert_same_maps(last_two, maps[-2:])
+    with pytest.raises(ValueError, match="NHWC"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+    with pytest.raises(AssertionError, match="out of range"):
+        model.forward_intermediates(x, indices=[len(maps)])
+
+
+def test_prune_intermediate_layers(built: Built):
+    """A model pruned to some levels gives the unpruned model's maps for them and has no head."""
+    _, maps = built.intermediates
+    n_levels = len(built.model.feature_info)
+    model = copy.deepcopy(built.model)
+    kept = model.prune_intermediate_layers([0, -2])
+    assert kept == [0, n_levels - 2]
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+    assert model.num_features == model.feature_info[n_levels - 2]["num_chs"]
+    with torch.no_grad():
+        final, pruned_maps = model.forward_intermediates(built.x, indices=kept)
+        assert torch.equal(model.forward_head(final), final), "a pruned model neither pools nor classifies"
+    _assert_same_maps(pruned_maps, [maps[0], maps[-2]])
+    assert torch.equal(final, maps[-2])
+
+
+# Every family: create-time kwargs, feature extractors, export paths -------------------------------------------
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_reset_classifier(name: str):
+    model = _create(name).eval()
+    with torch.no_grad():
+        features = model.forward_features(_input(model, EVAL_BATCH))
+    model.reset_classifier(5)
+    assert model.num_classes == 5 and model.get_classifier().out_features == 5
+    with torch.no_grad():
+        assert model.forward_head(features).shape == (EVAL_BATCH, 5)
+        model.reset_classifier(0, "")
+        assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+        torch.testing.assert_close(model.forward_head(features), features)
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_create_unpooled(name: str):
+    model = _create(name, num_classes=0, global_pool="").eval()
+    with torch.no_grad():
+        out = model(_input(model, EVAL_BATCH))
+    assert out.ndim == 4
+    assert out.shape[:2] == (EVAL_BATCH, model.num_features)
+    assert tuple(out.shape[2:]) == tuple(model.pretrained_cfg["pool_size"])
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
 def test_one_channel_28x28_and_100_classes(name: str):
     """MNIST-family input (1 channel, 28x28) and a CIFAR-100-sized head, in one build."""
     model = _create(name, in_chans=1, num_classes=100).train()
     assert model.num_classes == 100
     assert model.state_dict()[f"{model.pretrained_cfg['first_conv']}.weight"].shape[1] == 1
     with torch.no_grad():
-        out = model(torch.randn(BATCH, 1, 28, 28))
-    assert out.shape == (BATCH, 100)
+        out = model(torch.randn(TRAIN_BATCH, 1, 28, 28))
+    assert out.shape == (TRAIN_BATCH, 100)
     assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", SAMPLE_MODELS)
-def test_eval_output_is_per_sample(name: str):
+def test_drop_rate_is_classifier_dropout(name: str):
+    """`drop_rate` is timm's dropout before the classifier in every family: it acts on the pooled features only."""
+    model = _create(name, drop_rate=0.5).eval()
+    assert model.drop_rate == 0.5 and model.head.drop.p == 0.5
+    with torch.no_grad():
+        features = model.forward_features(_input(model, TRAIN_BATCH))
+        model.head.train()
+        assert not torch.equal(model.forward_head(features), model.forward_head(features))
+        model.head.eval()
+        assert torch.equal(model.forward_head(features), model.forward_head(features))
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_feature_extractors_agree(name: str):
+    """`features_only` (timm's FeatureListNet, as for timm's own CNNs), the 'getter' wrapper around
+    `forward_intermediates` and the FX extractor return the same maps, one per `feature_info` level."""
+    model = _create(name).eval()
+    info = model.feature_info
+    extractors = {cls: _create(name, features_only=True, feature_cls=cls).eval() for cls in ("getter", "fx")}
+    extractors["default"] = _create(name, features_only=True).eval()
+    assert isinstance(extractors["default"], FeatureListNet)
+    x = _input(model, EVAL_BATCH)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+        for cls, extractor in extractors.items():
+            assert extractor.feature_info.channels() == [f["num_chs"] for f in info], cls
+            assert extractor.feature_info.reduction() == [f["reduction"] for f in info], cls
+            _assert_same_maps(extractor(x), expected)
+    # the getter prunes the model to the levels it returns: all of them here, so only the classifier goes
+    assert _n_params(extractors["getter"]) == _n_params(model) - _n_params(model.get_classifier())
+
+
+@ON_SAMPLE
+def test_eval_output_is_per_sample(built: Built):
     """In eval mode a sample's output does not depend on the rest of its batch (BN uses running statistics).
 
     Float64, because in float32 batch-size-dependent conv algorithms differ by up to 2% after 1000 layers."""
-    model = _create_eval(name).double()
-    x = _input(model).double()
+    model = copy.deepcopy(built.model).double()
+    x = _input(model, 2).double()
     with torch.no_grad():
         torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", SAMPLE_MODELS)
-def test_torchscript(name: str):
-    model = _create_eval(name)
+@ON_SAMPLE
+def test_torchscript(built: Built):
+    model, x = built.model, built.x
     scripted = torch.jit.script(model)
-    x = _input(model)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
 
 
-@pytest.mark.parametrize("name", SAMPLE_MODELS)
-def test_fx_symbolic_trace(name: str):
-    model = _create_eval(name)
+@ON_SAMPLE
+def test_fx_symbolic_trace(built: Built):
+    model, x = built.model, built.x
     traced = torch.fx.symbolic_trace(model)
-    x = _input(model)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x))
 
 
-@pytest.mark.parametrize("name", SAMPLE_MODELS)
-def test_fx_feature_extraction(name: str):
-    """timm's FX feature extractor finds every `feature_info` module as a graph node."""
-    model = _create(name, features_only=True, feature_cls="fx").eval()
-    x = _input(model)
+@ON_SAMPLE
+def test_grad_checkpointing(built: Built):
+    """Checkpointing (one segment per block) keeps the outputs and the intermediates, and trains every parameter."""
+    model, x = copy.deepcopy(built.model), built.x
+    _, plain_maps = built.intermediates
+    model.set_grad_checkpointing(True)
     with torch.no_grad():
-        maps = model(x)
-    assert [m.shape[1] for m in maps] == model.feature_info.channels()
-
-
-@pytest.mark.parametrize("name", SAMPLE_MODELS)
-def test_grad_checkpointing_keeps_output(name: str):
-    model = _create_eval(name)
-    x = _input(model)
-    with torch.no_grad():
-        plain = model(x)
-        model.set_grad_checkpointing(True)
-        checkpointed = model(x)
-    torch.testing.assert_close(checkpointed, plain)
+        checkpointed, checkpointed_maps = model(x), model.forward_intermediates(x, intermediates_only=True)
+    torch.testing.assert_close(checkpointed, model.forward_head(built.features))
+    torch.testing.assert_close(checkpointed_maps, plain_maps)
+    model.train()(_input(model, TRAIN_BATCH)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
     assert isinstance(model.group_matcher(), dict)
 
 
@@ -338,45 +461,3 @@ def test_import_shadows_no_timm_name_or_group():
     moved = [n for n in sorted(builtin_names) if not model_entrypoint(n).__module__.startswith("timm.")]
     assert not moved, f"timm names now built by other code: {moved[:5]}"
     assert set(timm.list_modules()) == set(baseline) | set(FAMILY_MODULES)
-
-
-# Family-specific behaviour of the ResNet / ResNet-preact switches.
-
-
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [
-        ("resnet20", dict(depth=21)),
-        ("resnet164", dict(depth=30)),  # 30 is not 9n + 2
-        ("resnet_preact20", dict(block_type="bottle")),
-        ("resnet_preact20", dict(preact_stage=(True, False))),
-        ("se_resnet_preact110", dict(se_reduction=64)),  # 16 channels cannot be reduced 64-fold
-        ("vgg15_bn", dict(layers=(2, 2, 3))),
-    ],
-)
-def test_bad_architecture_kwargs_are_value_errors(name: str, kwargs: dict):
-    with pytest.raises(ValueError, match="got"):
-        timm.create_model(name, **kwargs)
-
-
-def test_se_resnet_preact_switches_are_kwargs():
-    """The registered SE default (no first ReLU, last BN, preact stages T/F/F) differs from plain switches."""
-    default = _create("se_resnet_preact110")
-    plain = _create("se_resnet_preact110", remove_first_relu=False, add_last_bn=False, preact_stage=(True,) * 3)
-    block = default.stages[1][0]
-    assert not block.preact and isinstance(block.act1, nn.Identity) and isinstance(block.bn3, nn.BatchNorm2d)
-    assert plain.stages[1][0].preact and isinstance(plain.stages[1][0].bn3, nn.Identity)
-    # the last-BN layers account for the difference: 2 x channels per block, 18 blocks per stage
-    assert _n_params(default) - _n_params(plain) == 2 * 18 * (16 + 32 + 64)
-
-
-def test_preact_first_block_shortcut_sees_preactivation():
-    """With preact on, the shortcut of a stage's first block takes BN-ReLU(x), so it ignores negative inputs."""
-    torch.manual_seed(0)
-    model = timm.create_model("resnet_preact20", preact_stage=(True, False, False)).eval()
-    on, off = model.stages[0][0], model.stages[1][0]
-    x_on, x_off = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
-    with torch.no_grad():
-        # bn1 with running stats 0/1 and weight 1 is ~identity, so only x > 0 reaches the shortcut through ReLU
-        torch.testing.assert_close(on(x_on), on(x_on.clamp(min=0)))
-        assert not torch.allclose(off(x_off), off(x_off.clamp(min=0)))
