@@ -32,6 +32,7 @@ __all__ = [
     "build_scheduler",
     "check_model",
     "check_trackers",
+    "launched_processes",
     "make_accelerator",
     "preflight",
     "resolve_precision",
@@ -85,8 +86,11 @@ def check_model(
     """The model's parameter count, from a build on the meta device; a UserError for an unknown name or kwargs."""
     _register_cifar_models()
     if not timm.is_model(name):
+        import cifar_models
+
+        names = [*cifar_models.list_cifar_models(), *timm.list_models()]  # ours first: this is a CIFAR project
         raise UserError(
-            f"unknown model.name {name!r}{did_you_mean(name, timm.list_models())}; "
+            f"unknown model.name {name!r}{did_you_mean(name, names)}; "
             "CIFAR models: python -c 'import cifar_models; print(cifar_models.list_cifar_models())', "
             "all: timm.list_models()"
         )
@@ -139,20 +143,42 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return precision
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (torchrun / accelerate launch set WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _forget_single_process_state(mixed_precision: str) -> None:
+    """Let one Python process train several runs with different precisions (a notebook, the GPU check).
+
+    Accelerate keeps its state in a process-wide singleton and refuses a second Accelerator with another
+    mixed precision. Accelerate has no public reset; its own test suite resets the singleton with
+    `AcceleratorState._reset_state()`. Only a single-process state is reset: a distributed launch keeps its
+    process group.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mixed_precision) and launched_processes() == 1:
+        AcceleratorState._reset_state()
+
+
 def make_accelerator(
     *, precision: str, grad_accum_steps: int, trackers: Sequence[str], project_dir: str
 ) -> Accelerator:
     """The Accelerator of a run: CPU processes when no GPU is visible (also under torchrun / accelerate launch,
     with no extra variable), and a consistent launch or a UserError on every rank before anything is written."""
     cuda = torch.cuda.is_available()
+    mixed_precision = resolve_precision(precision, cuda)
+    _forget_single_process_state(mixed_precision)
     accelerator = Accelerator(
         cpu=not cuda,
-        mixed_precision=resolve_precision(precision, cuda),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum_steps,
         log_with=list(trackers) or None,
         project_dir=project_dir,
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched != accelerator.num_processes:
         raise UserError(
             f"this process was launched as one of {launched} (WORLD_SIZE) but Accelerate set up "

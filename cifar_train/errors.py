@@ -32,7 +32,27 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions that turn `a` into `b`."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        current = [i]
+        for j, y in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close.
+
+    difflib finds the similar choices; among them the fewest edits wins ('resnet21' -> 'resnet20', not
+    'resnet32', which difflib alone ranks the same), then the earlier in `choices`.
+    """
+    choices = list(choices)
+    order = {choice: index for index, choice in reversed(list(enumerate(choices)))}
+    close = difflib.get_close_matches(word, choices, n=10, cutoff=0.6)
+    if not close:
+        return ""
+    best = min(close, key=lambda choice: (_edits(word, choice), order[choice]))
+    return f" (did you mean {best!r}?)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -286,7 +287,13 @@ def _evaluate(
     _, run_dir = _resolve_source(source)
     recipe = None
     if run_dir is not None and (run_dir / RECIPE_FILE).is_file():
-        recipe = load_recipe(run_dir / RECIPE_FILE)
+        recipe = load_recipe(run_dir / RECIPE_FILE, on_warning=lambda message: None)
+        if tta == "flip" and not recipe.augment.hflip:
+            print(
+                "warning: --tta flip on a model trained without horizontal flips (augment.hflip = false) "
+                "usually lowers its accuracy; it sees mirrored images it never learnt",
+                file=sys.stderr,
+            )
     if dataset is None:
         if recipe is None:
             raise UserError(f"source {source!r} has no {RECIPE_FILE} to name its dataset; pass --dataset")

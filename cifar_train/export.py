@@ -131,6 +131,7 @@ def write_model_card(
     env: Mapping[str, Any],  # what `rundir.collect_env` returns
     dataset: str,  # Hub id or local path the run trained on
     num_params: int,
+    trained_with_flips: bool = True,  # augment.hflip: only then is flip test-time augmentation worth suggesting
 ) -> None:
     """Write the run's `README.md`: Hub metadata, how to load, results, the recipe, the environment.
 
@@ -188,7 +189,8 @@ def write_model_card(
         "class_names = model.pretrained_cfg['label_names']",
         "```",
         "",
-        f"Evaluate it with `python evaluate.py {run_dir}` (add `--tta flip` for flip test-time augmentation).",
+        f"Evaluate it with `python evaluate.py {run_dir}`"
+        + (" (add `--tta flip` for flip test-time augmentation)." if trained_with_flips else "."),
         "",
         "## Results",
         "",

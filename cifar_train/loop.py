@@ -22,13 +22,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .components import build_augment, build_model, build_optimizer, build_scheduler, make_accelerator, preflight
+from .components import (
+    build_augment,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    launched_processes,
+    make_accelerator,
+    preflight,
+)
 from .data import open_training_data
 from .errors import Interrupted, NonFiniteLoss, UserError
 from .losses import classification_sums
 from .progress import EpochProgress, print_summary
-from .recipe import Recipe, flatten_recipe, load_recipe, recipe_to_dict, recipe_to_toml, section_kwargs
-from .rundir import RunDirectory, collect_env
+from .recipe import Recipe, flatten_recipe, recipe_to_toml, section_kwargs
+from .rundir import RunDirectory, collect_env, resumed_recipe
 from .step import TrainStep
 
 __all__ = ["train", "train_one_epoch", "validate"]
@@ -50,8 +58,9 @@ def train(
     own recipe.toml is used; when given it must equal it). `recipe_file` and `overrides` are recorded in
     env.json (the command line passes them), so a result can name the command that made it.
     """
-    recipe = _resumed_recipe(recipe, Path(output_dir)) if resume else recipe
+    recipe = resumed_recipe(recipe, Path(output_dir)) if resume else recipe
     t = recipe.train
+    per_process_batch = preflight(recipe, launched_processes())  # before anything is built
     accelerator = make_accelerator(
         precision=t.precision,
         grad_accum_steps=t.grad_accum_steps,
@@ -59,11 +68,10 @@ def train(
         project_dir=str(output_dir),
     )
     say = log or accelerator.print
-    per_process_batch = preflight(recipe, accelerator.num_processes)
     run = RunDirectory(output_dir, resume=resume, overwrite=overwrite)  # checked last, written first below
 
     set_seed(t.seed)
-    with accelerator.main_process_first():  # the main process fills the decode cache, the others read it
+    with accelerator.local_main_process_first():  # one process per machine fills the decode cache first
         data = open_training_data(**section_kwargs(recipe.data), seed=t.seed, say=say)
     model = build_model(recipe, num_classes=data.info.num_classes, in_chans=data.info.channels)
     model = model.to(accelerator.device, memory_format=_memory_format(recipe))
@@ -283,6 +291,7 @@ def _finish(accelerator, run, model, recipe, info, state, history) -> dict[str, 
             info=info,
             push_to=recipe.hub.push_to,
             private=recipe.hub.private,
+            trained_with_flips=recipe.augment.hflip,
         )
         print_summary(history, final, run.path)
     accelerator.wait_for_everyone()
@@ -296,22 +305,6 @@ def _ranks_in_sync(accelerator: Accelerator, model: nn.Module) -> bool:
         fingerprint = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in tensors]).flatten()
     gathered = accelerator.gather(fingerprint[None])
     return bool((gathered == gathered[0]).all())
-
-
-def _resumed_recipe(recipe: Recipe | None, run_dir: Path) -> Recipe:
-    """The run's own recipe.toml; a recipe given on the command line must equal it."""
-    path = run_dir / "recipe.toml"
-    if not path.is_file():
-        raise UserError(f"--resume {str(run_dir)!r}: not a run directory (no recipe.toml in it)")
-    saved = load_recipe(path, on_warning=lambda message: None)
-    if recipe is not None and recipe != saved:
-        a, b = recipe_to_dict(recipe), recipe_to_dict(saved)
-        diffs = [f"{s}.{k}: {a[s][k]!r} here, {b[s][k]!r} in the run" for s in a for k in a[s] if a[s][k] != b[s][k]]
-        raise UserError(
-            f"--resume {str(run_dir)!r}: the recipe differs from the run's recipe.toml ({'; '.join(diffs)}); "
-            "omit the recipe argument to continue with the saved one"
-        )
-    return saved
 
 
 def _memory_format(recipe: Recipe) -> torch.memory_format:

@@ -8,16 +8,16 @@ a few points of the schedule, the augmentation chain, precision and the run dire
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from .components import check_model, preflight, resolve_precision
+from .components import check_model, launched_processes, preflight, resolve_precision
+from .errors import UserError
 from .recipe import Recipe, section_kwargs
-from .rundir import RunDirectory
+from .rundir import RunDirectory, resumed_recipe
 from .schedule import schedule_curve
 
 __all__ = ["dry_run", "make_plan"]
@@ -47,14 +47,15 @@ def _augmentation_chain(recipe: Recipe) -> str:
     return " -> ".join(steps)
 
 
-def make_plan(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def make_plan(recipe: Recipe | None, run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run the checks of a real start and describe the run; raises UserError as a real start would."""
     import torch
 
     from .data import describe_dataset
 
+    recipe = resumed_recipe(recipe, run_dir) if resume else recipe
     t, d = recipe.train, recipe.data
-    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    num_processes = launched_processes()
     per_process = preflight(recipe, num_processes)
     RunDirectory(run_dir, resume=resume, overwrite=overwrite)  # reads only
     dataset = describe_dataset(
@@ -72,8 +73,12 @@ def make_plan(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite:
     curve = schedule_curve(steps_per_epoch=steps or 1, epochs=t.epochs, **section_kwargs(recipe.schedule))
     total = (steps or 1) * t.epochs
     lrs = [(share, recipe.optim.lr * curve(round(share * total))) for share in _SCHEDULE_POINTS]
-    precision = resolve_precision(t.precision, torch.cuda.is_available())
+    try:
+        precision = resolve_precision(t.precision, torch.cuda.is_available())
+    except UserError as err:  # a GPU-only setting: the plan says so, the run on a GPU machine would go ahead
+        precision = f"not here: {err}"
     return {
+        "recipe": recipe,
         "model": recipe.model.name,
         "parameters": params,
         "num_classes": num_classes,
@@ -106,9 +111,10 @@ def _dataset_text(dataset: dict[str, Any], name: str) -> str:
     return "; ".join(parts)
 
 
-def dry_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def dry_run(recipe: Recipe | None, run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Check, then print the plan as a table; writes nothing. Returns the plan."""
     plan = make_plan(recipe, run_dir, resume=resume, overwrite=overwrite)
+    recipe = plan["recipe"]
     table = Table(
         title=f"dry run: {plan['run_dir']} ({plan['run_dir_action']}); nothing was written", show_header=False
     )
@@ -130,6 +136,7 @@ def dry_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
     )
     table.add_row("lr", "  ".join(f"{share:.0%}: {lr:.4g}" for share, lr in plan["lr"]))
     table.add_row("augmentation", plan["augmentation"])
-    table.add_row("precision", f"{recipe.train.precision} -> {plan['precision']} on this machine")
+    shown = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}.get(plan["precision"])
+    table.add_row("precision", f"{recipe.train.precision} -> {shown or plan['precision']} on this machine")
     Console().print(table)
     return plan

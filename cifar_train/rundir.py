@@ -26,8 +26,9 @@ from typing import Any
 
 from .atomic import write_json_atomic, write_text_atomic
 from .errors import UserError
+from .recipe import Recipe, load_recipe, recipe_to_dict
 
-__all__ = ["METRICS_FILE", "RunDirectory", "RunLock", "collect_env", "lock_holder", "read_metrics"]
+__all__ = ["METRICS_FILE", "RunDirectory", "RunLock", "collect_env", "lock_holder", "read_metrics", "resumed_recipe"]
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
@@ -226,6 +227,7 @@ class RunDirectory:
         info: Any,  # cifar_train.data.DatasetInfo
         push_to: str | None,
         private: bool,
+        trained_with_flips: bool,
     ) -> None:
         """final_metrics.json, the safetensors export with timm's config, the model card, and the Hub push."""
         from .export import export_model, write_model_card
@@ -251,11 +253,28 @@ class RunDirectory:
             env=self.env(),
             dataset=dataset,
             num_params=sum(p.numel() for p in model.parameters()),
+            trained_with_flips=trained_with_flips,
         )
         if push_to:
             from .push import push_run
 
             push_run(self.path, push_to, private=private)
+
+
+def resumed_recipe(recipe: Recipe | None, run_dir: Path) -> Recipe:
+    """The run's own recipe.toml; a recipe given on the command line must equal it."""
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.is_file():
+        raise UserError(f"--resume {str(run_dir)!r}: not a run directory (no recipe.toml in it)")
+    saved = load_recipe(path, on_warning=lambda message: None)
+    if recipe is not None and recipe != saved:
+        a, b = recipe_to_dict(recipe), recipe_to_dict(saved)
+        diffs = [f"{s}.{k}: {a[s][k]!r} here, {b[s][k]!r} in the run" for s in a for k in a[s] if a[s][k] != b[s][k]]
+        raise UserError(
+            f"--resume {str(run_dir)!r}: the recipe differs from the run's recipe.toml ({'; '.join(diffs)}); "
+            "omit the recipe argument to continue with the saved one"
+        )
+    return saved
 
 
 def _git_commit() -> str | None:

@@ -67,7 +67,9 @@ def test_run_writes_every_file_of_the_contract(tiny_run):
     state = load_file(run_dir / "model.safetensors")
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert "import cifar_models" in (run_dir / "README.md").read_text()
+    card = (run_dir / "README.md").read_text()
+    assert "import cifar_models" in card
+    assert "--tta flip" not in card  # trained without flips (augment.hflip = false): flip TTA would hurt
     # evaluate.py on the run directory scores exactly what the run logged for its last epoch.
     from cifar_train import evaluate
 
@@ -82,6 +84,15 @@ def test_run_writes_every_file_of_the_contract(tiny_run):
 # train.seed 0-9 on the development machine (mean 97.6, worst 96.4). The bar sits 16 points below the worst seed,
 # so only a loop that stopped learning (chance is 10%) fails it, on any machine.
 LEARNING_BAR = 80.0  # percent; chance is 10%
+
+
+def test_flip_tta_on_a_model_trained_without_flips_warns(tiny_run, tmp_path):
+    from cifar_train.cli import evaluate_main
+
+    result = run_main(evaluate_main, str(tiny_run.run_dir), "--tta", "flip", "--json", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "warning: --tta flip on a model trained without horizontal flips" in result.stderr
+    assert json.loads(result.stdout)["tta"] == "flip"
 
 
 def test_training_learns_the_digits(tmp_path, digits_dir):
@@ -185,3 +196,32 @@ def test_grad_accumulation_equals_the_large_batch_without_batch_norm(tmp_path, d
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
     assert read_metrics(tmp_path / "acc")[-1]["step"] == 2 * 2  # optimizer steps, not batches
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_under_accelerate_launch(tmp_path, digits_dir):
+    """The README's multi-node command on one machine: two "machines" of one CPU process each on 127.0.0.1,
+    started with Accelerate's own launcher; one job, one metrics line per epoch, the same weights on both."""
+    recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"epochs": 2, "batch_size": 32})
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+    def machine(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", "29571", "--mixed_precision", "no", "--dynamo_backend", "no",
+                str(ROOT / "train_accelerate.py"), str(recipe), "--output-dir", str(run_dir),
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+        )  # fmt: skip
+
+    machines = [machine(0), machine(1)]
+    outputs = [m.communicate(timeout=400)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["step"] == 2 * (128 // 32)
+    assert json.loads((run_dir / "env.json").read_text())["num_processes"] == 2
+    assert json.loads((run_dir / "final_metrics.json").read_text())["ranks_in_sync"] is True
