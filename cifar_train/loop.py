@@ -23,20 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
 
-from .augment import BatchAugment, normalize
+from .augment import BatchAugment
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .data import (
-    DATASET_ALIASES,
-    DatasetInfo,
-    DecodedSplit,
-    ShardedBatchSampler,
-    build_streaming_loader,
-    choose_data_path,
-    load_dataset_splits,
-    streaming_dataset_info,
-)
+from .data import DatasetInfo, EvalBatches, TrainBatches, open_training_data
 from .errors import UserError, did_you_mean
 from .optim import create_optimizer
 from .progress import EpochProgress, print_summary
@@ -189,129 +179,30 @@ def soft_correct(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
     return picked.sum()
 
 
-class _IndexedImages(Dataset):
-    """Validation images as a map-style dataset that serves whole batches (`__getitems__`)."""
-
-    def __init__(self, split: DecodedSplit) -> None:
-        self.images, self.labels = split.images, split.labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
-
-
-def _keep_batch(batch):
-    return batch
-
-
 @torch.no_grad()
 def evaluate_model(
-    accelerator: Accelerator, model: nn.Module, loader: DataLoader, info: DatasetInfo, channels_last: bool
+    accelerator: Accelerator, model: nn.Module, batches: EvalBatches, info: DatasetInfo, channels_last: bool
 ) -> dict[str, float]:
-    """Validation loss, top-1 and top-5 (percent) over the whole split, gathered from every process."""
+    """Validation loss, top-1 and top-5 (percent) over the whole split, summed over every process.
+
+    Every batch has the same size; `valid` masks the padding, so each sample counts exactly once.
+    """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, count
     k = min(5, info.num_classes)
-    for images, labels in loader:
-        x = normalize(images, info.mean, info.std) if images.dtype == torch.uint8 else images
+    for images, labels, valid in batches:
         if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x).float()
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         topk = logits.topk(k, dim=1).indices
         top1 = topk[:, 0] == labels
         top5 = (topk == labels[:, None]).any(dim=1)
-        losses, top1, top5 = accelerator.gather_for_metrics((losses, top1, top5))
-        totals += torch.stack(
-            [
-                losses.sum().double(),
-                top1.sum().double(),
-                top5.sum().double(),
-                torch.tensor(len(losses), dtype=torch.float64, device=totals.device),
-            ]
-        )
-    loss, top1, top5, count = totals.tolist()
+        weight = valid.double()
+        totals += torch.stack([losses.double() @ weight, top1.double() @ weight, top5.double() @ weight, weight.sum()])
+    loss, top1, top5, count = accelerator.reduce(totals, reduction="sum").tolist()
+    count = max(count, 1.0)
     return {"val_loss": loss / count, "val_acc1": 100.0 * top1 / count, "val_acc5": 100.0 * top5 / count}
-
-
-class MemoryBatches:
-    """Training batches from decoded uint8 images on the training device, augmented as whole batches."""
-
-    def __init__(
-        self, split: DecodedSplit, sampler: ShardedBatchSampler, augment: BatchAugment, device: torch.device
-    ) -> None:
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
-        self.sampler = sampler
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from `start_batch` on; every rank draws the same seeded permutation."""
-        self.sampler.set_epoch(epoch)
-        self.sampler.start_batch = start_batch
-        try:
-            for indices in self.sampler:
-                indices = indices.to(self.images.device)
-                yield self.augment(self.images.index_select(0, indices), self.labels.index_select(0, indices))
-        finally:
-            self.sampler.start_batch = 0
-
-
-class StreamingBatches:
-    """Training batches from a streaming `DataLoader` (per-sample crop/flip/normalise in workers)."""
-
-    def __init__(self, loader: DataLoader, augment: BatchAugment, device: torch.device) -> None:
-        self.loader = loader
-        self.augment = augment
-        self.device = device
-
-    def __len__(self) -> int:
-        return len(self.loader.batch_sampler)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = self.loader.batch_sampler
-        sampler.set_epoch(epoch)
-        sampler.start_batch = start_batch
-        try:
-            for images, labels in self.loader:
-                images = images.to(self.device, non_blocking=True)
-                yield self.augment.normalized(images, labels.to(self.device, non_blocking=True))
-        finally:
-            sampler.start_batch = 0
-
-
-_SMALL_DATASETS = {"cifar10", "cifar100", "mnist", "fashion_mnist", "kmnist", "digits"}
-
-
-def _choose_pipeline(recipe: Recipe) -> str:
-    """`data.pipeline`, with "auto" resolved: known small datasets decode into memory, ImageNet streams."""
-    d = recipe.data
-    if d.pipeline != "auto":
-        chosen = d.pipeline
-    elif d.dataset in _SMALL_DATASETS or d.dataset in {DATASET_ALIASES[a] for a in _SMALL_DATASETS - {"digits"}}:
-        chosen = "memory"
-    elif d.dataset in ("imagenet", DATASET_ALIASES["imagenet"]):
-        chosen = "streaming"
-    else:
-        chosen = choose_data_path(d.dataset, train_split=d.train_split, image_column=d.image_column or None)
-    if chosen == "streaming":
-        if not d.val_split:
-            raise UserError(
-                f"data.dataset {d.dataset!r} streams (too large to decode into memory), which needs a "
-                'named data.val_split (e.g. "validation") rather than data.val_fraction'
-            )
-        if d.train_limit:
-            raise UserError('data.train_limit works with the in-memory pipeline only (data.pipeline = "memory")')
-    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,88 +253,34 @@ def _per_process_batch(recipe: Recipe, num_processes: int) -> int:
     return per_process_batch
 
 
-def _build_data(recipe: Recipe, accelerator: Accelerator, per_process_batch: int):
-    """Training batches (this process's shard, augmented) and the validation loader, plus dataset facts."""
+def _build_data(
+    recipe: Recipe, accelerator: Accelerator, per_process_batch: int, say
+) -> tuple[TrainBatches, EvalBatches, DatasetInfo]:
+    """Training batches (this process's shard, augmented) and validation batches, plus dataset facts."""
     t, d = recipe.train, recipe.data
-    pipeline = _choose_pipeline(recipe)
-    with accelerator.main_process_first():
-        if pipeline == "memory":
-            train_split, val_split, info = load_dataset_splits(
-                d.dataset,
-                train_split=d.train_split,
-                val_split=d.val_split or None,
-                val_fraction=d.val_fraction,
-                image_column=d.image_column or None,
-                label_column=d.label_column or None,
-                seed=t.seed,
-                cache_dir=d.cache_dir or None,
-                skip_corrupt=d.skip_corrupt,
-            )
-        else:
-            info = streaming_dataset_info(
-                d.dataset,
-                train_split=d.train_split,
-                image_column=d.image_column or None,
-                label_column=d.label_column or None,
-                image_size=d.image_size,
-                eval_resize=d.eval_resize,
-                seed=t.seed,
-            )
-    augment = build_augment(recipe, info)
-    if pipeline == "memory":
-        if d.train_limit:
-            train_split = DecodedSplit(train_split.images[: d.train_limit], train_split.labels[: d.train_limit])
-        sampler = ShardedBatchSampler(
-            len(train_split.labels),
-            per_process_batch,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-            seed=t.seed,
-            shuffle=True,
-            drop_last=True,
-        )
-        batches = MemoryBatches(train_split, sampler, augment, accelerator.device)
-        val_loader = DataLoader(
-            _IndexedImages(val_split),
-            batch_size=max(1, t.val_batch_size // accelerator.num_processes),
-            shuffle=False,
-            collate_fn=_keep_batch,
-            # Its own generator: iterating a DataLoader draws a seed, which must not come from the global
-            # RNG, or validating would shift the training augmentation (and results would depend on eval_every).
-            generator=torch.Generator().manual_seed(t.seed),
-        )
-    else:
-        stream = dict(
-            mean=info.mean,
-            std=info.std,
+    with accelerator.main_process_first():  # the main process decodes and caches; the others read the cache
+        data = open_training_data(
+            dataset=d.dataset,
+            train_split=d.train_split,
+            val_split=d.val_split,
+            val_fraction=d.val_fraction,
+            train_limit=d.train_limit,
+            image_column=d.image_column,
+            label_column=d.label_column,
+            pipeline=d.pipeline,
+            num_workers=d.num_workers,
             image_size=d.image_size,
             eval_resize=d.eval_resize,
-            image_column=d.image_column or None,
-            label_column=d.label_column or None,
-            num_workers=d.num_workers,
+            min_scale=d.min_scale,
+            cache_dir=d.cache_dir,
+            skip_corrupt=d.skip_corrupt,
             seed=t.seed,
+            say=say if accelerator.is_main_process else lambda line: None,
         )
-        train_loader = build_streaming_loader(
-            d.dataset,
-            split=d.train_split,
-            training=True,
-            batch_size=per_process_batch,
-            scale=(d.min_scale, 1.0),
-            hflip=recipe.augment.hflip,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-            **stream,
-        )
-        batches = StreamingBatches(train_loader, augment, accelerator.device)
-        # Validation is sharded by `accelerator.prepare`, so `gather_for_metrics` drops its padding.
-        val_loader = build_streaming_loader(
-            d.dataset,
-            split=d.val_split,
-            training=False,
-            batch_size=max(1, t.val_batch_size // accelerator.num_processes),
-            **stream,
-        )
-    return batches, val_loader, info
+    ranks = dict(num_replicas=accelerator.num_processes, rank=accelerator.process_index, device=accelerator.device)
+    batches = data.train_batches(build_augment(recipe, data.info), batch_size=per_process_batch, seed=t.seed, **ranks)
+    val_batches = data.val_batches(batch_size=max(1, t.val_batch_size // accelerator.num_processes), **ranks)
+    return batches, val_batches, data.info
 
 
 def _check_resume_recipe(recipe: Recipe | None, run_dir: Path) -> Recipe:
@@ -522,7 +359,7 @@ def train(
     # Data: small datasets are decoded once (the main process fills the cache first) and kept on the
     # training device; ImageNet-sized ones stream through DataLoader workers.
     set_seed(t.seed)
-    batches, val_loader, info = _build_data(recipe, accelerator, per_process_batch)
+    batches, val_batches, info = _build_data(recipe, accelerator, per_process_batch, say)
     batches_per_epoch = len(batches) // t.grad_accum_steps * t.grad_accum_steps
     steps_per_epoch = batches_per_epoch // t.grad_accum_steps
     if steps_per_epoch == 0:
@@ -557,7 +394,7 @@ def train(
                 )
         accelerator.wait_for_everyone()
 
-        model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+        model, optimizer = accelerator.prepare(model, optimizer)
         forward_model = torch.compile(model) if recipe.model.compile else model
 
         state = TrainState()
@@ -656,7 +493,7 @@ def train(
                     }
                     last = epoch + 1 == t.epochs
                     if last or (epoch + 1) % t.eval_every == 0:
-                        row.update(evaluate_model(accelerator, forward_model, val_loader, info, channels_last))
+                        row.update(evaluate_model(accelerator, forward_model, val_batches, info, channels_last))
                         state.best_val_acc1 = max(state.best_val_acc1, row["val_acc1"])
                     row["epoch_seconds"] = time.perf_counter() - epoch_start
                     row["images_per_second"] = images_this_run / train_seconds if train_seconds > 0 else 0.0
