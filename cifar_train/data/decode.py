@@ -215,6 +215,7 @@ def _progress(total: int, split: str, workers: int, say: Callable[[str], None]) 
     )
 
     columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(TextColumn(f"data: decoding [{split}] on {where}"), *columns, console=console, transient=True) as bar:
+    label = TextColumn(f"data: decoding [{split}] on {where}", markup=False)  # "[split]" is no rich markup
+    with Progress(label, *columns, console=console, transient=True) as bar:
         task = bar.add_task("decode", total=total)
         yield lambda images: bar.advance(task, images)
