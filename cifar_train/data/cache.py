@@ -2,8 +2,9 @@
 
 `<cache_dir>/decoded/<key>.pt` holds a split's uint8 images, labels, per-image pixel sums, the rows left
 out as corrupt and what was detected (columns, class names). The key is a hash of what determines the
-contents: the local folder's file signature (or, for a Hub dataset, the split's `datasets` fingerprint),
-the split, the columns and `skip_corrupt`. Reading it is a memory map: instant, and copy-on-write.
+contents: the local folder's path and file signature (or, for a Hub dataset, the split's `datasets`
+fingerprint), the split, the columns as requested and `skip_corrupt`. Reading it is a memory map: instant,
+and copy-on-write.
 """
 
 from __future__ import annotations

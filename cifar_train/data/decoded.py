@@ -74,7 +74,7 @@ class DatasetSource:
         return cache.load_entry(self._local_entry(split, image_column, label_column, skip_corrupt))
 
     def _local_entry(self, *request: Any) -> Path:
-        return cache.entry_path(self.cache_dir, [self.scan.signature, *request])
+        return cache.entry_path(self.cache_dir, [self.name, self.scan.signature, *request])
 
     def split(
         self,
