@@ -13,7 +13,9 @@ from urllib.parse import urlparse
 
 from cifar_train.errors import UserError
 
-__all__ = ["check_hub_reachable", "hub_offline", "hub_unavailable"]
+__all__ = ["OFFLINE_REASON", "check_hub_reachable", "hub_offline", "hub_unavailable"]
+
+OFFLINE_REASON = "offline mode is on (HF_HUB_OFFLINE is set)"
 
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
@@ -29,7 +31,7 @@ def hub_offline() -> bool:
 def hub_unavailable(timeout: float = 3.0) -> str | None:  # timeout in seconds
     """Why the Hub cannot be used right now (offline mode, no route), or None when a TCP connection opens."""
     if hub_offline():
-        return "offline mode is on (HF_HUB_OFFLINE is set)"
+        return OFFLINE_REASON
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = url.hostname or "huggingface.co"
     try:

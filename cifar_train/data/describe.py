@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_train.data.local import FolderScan, scan_folder
-from cifar_train.data.source import DATASET_ALIASES, first_line, pick_columns, resolve_dataset
+from cifar_train.data.source import first_line, pick_columns, resolve_dataset
 from cifar_train.digits import DIGITS_ALIAS, TEST_SIZE
 from cifar_train.errors import UserError
 
@@ -42,9 +42,7 @@ def describe_dataset(
     facts.update(label_column=None, problems=[])
     if dataset == DIGITS_ALIAS:
         return _digits(facts)
-    name, is_local = DATASET_ALIASES.get(dataset, dataset), dataset not in DATASET_ALIASES
-    if is_local:
-        name, is_local = resolve_dataset(dataset)  # raises for a missing path or an unknown alias
+    name, is_local = resolve_dataset(dataset)  # raises for a missing path or an unknown alias
     facts["resolved"] = name
     if not is_local:
         return _hub(facts, name)

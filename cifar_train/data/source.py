@@ -19,6 +19,7 @@ import numpy as np
 from cifar_train.data.local import FolderScan, ImageFolderListing, scan_folder
 from cifar_train.digits import DIGITS_ALIAS, materialize_digits
 from cifar_train.errors import UserError, did_you_mean
+from cifar_train.hub import OFFLINE_REASON, hub_offline, hub_unavailable
 
 __all__ = [
     "DATASET_ALIASES",
@@ -174,8 +175,6 @@ def _open_local(name: str, scan: FolderScan) -> Any:
 def _open_hub(hub_id: str) -> Any:
     import datasets
 
-    from cifar_train.hub import hub_offline, hub_unavailable
-
     if not datasets.config.HF_HUB_OFFLINE:  # the library will go to the network: fail now, not after retries
         reason = hub_unavailable()
         if reason is not None:
@@ -183,16 +182,13 @@ def _open_hub(hub_id: str) -> Any:
     try:
         loaded = datasets.load_dataset(hub_id)
     except (ConnectionError, FileNotFoundError) as err:
-        offline = hub_offline()
-        raise _hub_error(hub_id, "offline mode is on (HF_HUB_OFFLINE is set)" if offline else first_line(err)) from err
+        raise _hub_error(hub_id, OFFLINE_REASON if hub_offline() else first_line(err)) from err
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     return loaded
 
 
 def _hub_error(hub_id: str, reason: str) -> UserError:
-    from cifar_train.hub import hub_offline
-
     if hub_offline():
         fix = "unset HF_HUB_OFFLINE where the Hub is reachable to download it into the Hugging Face cache"
     else:
