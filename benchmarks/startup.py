@@ -14,10 +14,11 @@ Each row gives `seconds` (process start to the first batch, imports included), `
 
     python benchmarks/startup.py --workdir /tmp/cifar_startup
 
-Measured on 2 shared CPU cores (Python 3.11, torch 2.14 CPU, datasets 5.2), best of 3 where repeated:
-cold 18.7 s (decoding 10.0 s train + 2.2 s test on 2 processes; before the data package: ~114 s),
-warm 5.0 s of which data 0.38 s (before: 50-60 s), evaluate_data 4.4 s of which data 0.38 s. The rest
-is importing torch and timm (4-5 s here), which training and evaluation need for the model anyway.
+Measured on 2 CPU cores shared with other work (load average 2.4-3.2; Python 3.11, torch 2.14 CPU,
+datasets 5.2), best of 3 where repeated: cold 20.6 s (decoding 10.4 s train + 2.9 s test on 2 worker
+processes; the issue measured ~114 s before the data package), warm 4.9 s of which data 0.37 s (before:
+50-60 s), evaluate_data 4.8 s of which data 0.36 s. The rest is importing torch and timm (4.5-5.3 s
+here), which training and evaluation need for the model anyway.
 """
 
 from __future__ import annotations
