@@ -139,9 +139,7 @@ def _decoded_chunks(
             if stop_early and result[4]:
                 return
         return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # workers fork from a server that imported this module once
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
         running: dict[concurrent.futures.Future, int] = {}
         failed = False
 
@@ -187,6 +185,16 @@ def decode_chunk(records: list[Record], start: int, target: tuple[str, int, int,
     sums = flat.sum(axis=2, dtype=np.int64)
     squares = np.square(flat, dtype=np.uint16).sum(axis=2, dtype=np.int64)  # 255**2 fits in uint16
     return ok, images, sums, squares, failures
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Forkserver where there is one: workers fork from a clean server that imported this module once (no
+    fork of a process with threads, no re-import of the caller's script); spawn elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _worker_count() -> int:
