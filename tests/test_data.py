@@ -118,6 +118,14 @@ def test_decoding_on_a_process_pool_gives_the_same_bytes(tmp_path: Path, monkeyp
     assert sorted(bytes(image.numpy()) for image in pooled.images) == sorted(
         bytes(image.numpy()) for image in _chw(written["train"][0])
     )
+    files = sorted((tmp_path / "folder").rglob("*.png"))
+    for row in (17, 9):  # in different chunks: the first failing row is named, whichever chunk ends first
+        files[row].write_bytes(files[row].read_bytes()[:30])
+    with pytest.raises(UserError, match=r"corrupt image in split 'train' at index 9 "):
+        load_split(str(tmp_path / "folder"), split="train", cache_dir=tmp_path / "two")
+    with pytest.warns(UserWarning, match="index 9, 17"):
+        kept, info = load_split(str(tmp_path / "folder"), split="train", cache_dir=tmp_path / "two", skip_corrupt=True)
+    assert len(kept) == 19 and info.skipped_images == {"train": [9, 17]}
 
 
 def test_warm_start_reads_the_cache_without_datasets_and_a_changed_folder_is_decoded_again(
