@@ -12,10 +12,16 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cifar_train.errors import UserError
 from cifar_train.findings import Findings
+
+if TYPE_CHECKING:  # (the modules themselves import torch: check_data must stay light)
+    import torch
+
+    from cifar_train.data.batches import EvalBatches, TrainBatches
+    from cifar_train.data.info import DatasetInfo
 
 __all__ = ["TrainingData", "check_data", "open_training_data"]
 
@@ -83,18 +89,20 @@ def check_data(
 class TrainingData:
     """The opened data: what it is (`info`), how it flows (`pipeline`), and each rank's batch sources."""
 
-    info: Any  # DatasetInfo
+    info: DatasetInfo
     pipeline: str  # "memory" | "streaming"
-    _train: Callable[..., Any] = field(repr=False)
-    _val: Callable[..., Any] = field(repr=False)
+    _train: Callable[..., TrainBatches] = field(repr=False)
+    _val: Callable[..., EvalBatches] = field(repr=False)
 
-    def train_batches(self, augment: Any, *, batch_size: int, num_replicas: int, rank: int, seed: int, device: Any):
+    def train_batches(
+        self, augment: Any, *, batch_size: int, num_replicas: int, rank: int, seed: int, device: torch.device | str
+    ) -> TrainBatches:
         """This rank's `TrainBatches`: `augment` is a `cifar_train.augment.BatchAugment`; `batch_size` per rank."""
         return self._train(
             augment, batch_size=batch_size, num_replicas=num_replicas, rank=rank, seed=seed, device=device
         )
 
-    def val_batches(self, *, batch_size: int, num_replicas: int, rank: int, device: Any):
+    def val_batches(self, *, batch_size: int, num_replicas: int, rank: int, device: torch.device | str) -> EvalBatches:
         """This rank's `EvalBatches`: fixed-size batches with a `valid` mask; `batch_size` per rank."""
         return self._val(batch_size=batch_size, num_replicas=num_replicas, rank=rank, device=device)
 
