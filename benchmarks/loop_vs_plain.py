@@ -2,8 +2,9 @@
 
 ResNet-preact-20, the seed's settings (SGD 0.1, momentum 0.9, Nesterov, weight decay 1e-4, batch 128,
 pad-4 random crop + flip, validation on the 10,000 test images after every epoch), `--epochs` epochs on
-the first `--train-images` training images. Both start from decoded uint8 tensors (decoding is not
-timed); the plain loop is what one would write by hand in a notebook. Prints one JSON line:
+`--train-images` training images (`data.train_limit`'s seeded, class-stratified subset, the same for both).
+Both start from decoded uint8 tensors (decoding is not timed); the plain loop is what one would write by
+hand in a notebook. Prints one JSON line:
 
     python benchmarks/loop_vs_plain.py --dataset ../shared/datasets/cifar10 --json
 """
@@ -85,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    train_split, val_split, info = load_dataset_splits(args.dataset, seed=args.seed)  # warms the decode cache
     n = args.train_images
+    # The same images our loop trains on: train_limit's seeded, class-stratified subset (and the decode cache warm).
+    train_split, val_split, info = load_dataset_splits(args.dataset, train_limit=n, seed=args.seed)
     plain = plain_loop(
-        train_split.images[:n],
-        train_split.labels[:n],
+        train_split.images,
+        train_split.labels,
         val_split.images,
         val_split.labels,
         info.mean,

@@ -189,50 +189,67 @@ def _load_data(
             val_split=None,
             val_fraction=cfg.val_fraction,
             seed=recipe.train.seed,
+            say=_note,
             **options,
         )
-        split_label = f"{cfg.train_split}[held-out {cfg.val_fraction}, seed {recipe.train.seed}]"
-    else:
-        split = split or (cfg.val_split if cfg else "test")
-        if data_lib.choose_data_path(dataset, train_split=split, image_column=columns["image_column"]) == "streaming":
-            return _streaming_data(dataset, split=split, model=model, columns=columns)
-        # the split is decoded alone (as the "train" of a one-split load), sharing the training run's cache
-        val, _, info = data_lib.load_dataset_splits(dataset, train_split=split, val_split=None, **options)
-        split_label = split
+        return _memory_data(
+            val, info, f"{cfg.train_split}[held-out {cfg.val_fraction}, seed {recipe.train.seed}]", model
+        )
+    setting = "--split" if split is not None or cfg is None else "data.val_split"
+    split = split or (cfg.val_split if cfg else "test")
+    source = data_lib.DatasetSource(dataset, options["cache_dir"])
+    pipeline = data_lib.choose_pipeline(source, train_split=split, skip_corrupt=options["skip_corrupt"], **columns)
+    if pipeline == "streaming":
+        return _streaming_data(source, split=split, setting=setting, model=model, columns=columns)
+    val, info = data_lib.load_split(source, split=split, setting=setting, say=_note, **options)
+    return _memory_data(val, info, split, model)
 
-    def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(val.labels), size):
-            yield val.images[start : start + size], val.labels[start : start + size]
+
+def _note(line: str) -> None:
+    """What was loaded, on stderr: stdout may be one JSON line (--json)."""
+    print(line, file=sys.stderr)
+
+
+def _memory_data(val: Any, info: Any, split_label: str, model: nn.Module) -> EvalData:
+    """Decoded images, normalised with the model's mean and std batch by batch (padding dropped)."""
+    from cifar_train.data import MemoryEvalBatches
 
     _check_compatible(model, channels=info.channels, image_size=info.image_size, num_classes=info.num_classes)
-    return EvalData(info.name, split_label, list(info.class_names), len(val.labels), batches, normalised=False)
+    cfg = model.pretrained_cfg
+
+    def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from _real_rows(MemoryEvalBatches(val, mean=cfg["mean"], std=cfg["std"], batch_size=size))
+
+    return EvalData(info.name, split_label, list(info.class_names), len(val), batches, normalised=True)
 
 
-def _streaming_data(dataset: str, *, split: str, model: nn.Module, columns: dict[str, Any]) -> EvalData:
+def _streaming_data(source: Any, *, split: str, setting: str, model: nn.Module, columns: dict[str, Any]) -> EvalData:
     from cifar_train import data as data_lib
 
     cfg = model.pretrained_cfg
     image_size = int(cfg["input_size"][-1])
-    info = data_lib.streaming_dataset_info(dataset, image_size=image_size, sample_size=1, **columns)
-    _check_compatible(model, channels=info.channels, image_size=(image_size, image_size), num_classes=info.num_classes)
+    rows = data_lib.StreamingSplit.open(source, split, setting=setting, **columns)
+    _check_compatible(model, channels=rows.channels, image_size=(image_size, image_size), num_classes=rows.num_classes)
 
     def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = data_lib.build_streaming_loader(
-            dataset,
-            split=split,
-            training=False,
-            batch_size=size,
+        loader = data_lib.StreamingEvalBatches(
+            rows,
             mean=cfg["mean"],
             std=cfg["std"],
             image_size=image_size,
             eval_resize=round(image_size / cfg.get("crop_pct", 0.875)),
+            batch_size=size,
             num_workers=min(8, os.cpu_count() or 1),
-            **columns,
         )
-        yield from loader
+        yield from _real_rows(loader)
 
-    splits, _ = data_lib.open_dataset(dataset)
-    return EvalData(info.name, split, list(info.class_names), len(splits[split]), batches, normalised=True)
+    return EvalData(rows.name, split, rows.class_names, len(rows.rows), batches, normalised=True)
+
+
+def _real_rows(batches: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`(images, labels)` of fixed-size `EvalBatches` with the padding of the last batch dropped."""
+    for images, labels, valid in batches:
+        yield (images, labels) if bool(valid.all()) else (images[valid], labels[valid])
 
 
 def _check_compatible(model: nn.Module, *, channels: int, image_size: tuple[int, int], num_classes: int) -> None:

@@ -16,35 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from cifar_train.errors import UserError
 from cifar_train.export import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE
+from cifar_train.hub import check_hub_reachable
 
 __all__ = ["UPLOAD_FILES", "check_hub_reachable", "check_run_dir", "main", "push_run"]
 
 UPLOAD_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODEL_CARD_FILE)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-def check_hub_reachable(what: str, timeout: float = 3.0) -> None:  # timeout in seconds
-    """Raise a one-line `UserError` at once when offline mode is on or the Hub cannot be reached.
-
-    `huggingface_hub` retries for a long time on a machine without network; this probe fails in seconds.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
-        raise UserError(f"{what}: the Hugging Face Hub is not available because HF_HUB_OFFLINE is set; unset it")
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
-            return
-    except OSError:
-        raise UserError(
-            f"{what}: the Hugging Face Hub ({url.hostname}) is unreachable from this machine; check the network"
-        ) from None
 
 
 def check_run_dir(run_dir: Path) -> Path:

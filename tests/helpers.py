@@ -227,3 +227,33 @@ def write_imagefolder(
             Image.fromarray(image[:side, :side]).save(folder / f"{n:05d}.{extension}")
         written[split] = (images, labels)
     return written
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One image (H, W[, 3]) encoded as PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_save_to_disk(
+    root: Path,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],  # split -> (images, labels)
+    *,
+    classes: tuple[str, ...] = CLASSES,
+    corrupt_rows: tuple[int, ...] = (),  # rows of every split stored as truncated PNG bytes
+) -> None:
+    """A `DatasetDict.save_to_disk` folder with an `Image` column `img` and a `ClassLabel` column `label`."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+    features = Features({"img": Image(), "label": ClassLabel(names=list(classes))})
+    tables = {}
+    for split, (images, labels) in splits.items():
+        records = [
+            {"bytes": png_bytes(image)[:20] if row in corrupt_rows else png_bytes(image), "path": None}
+            for row, image in enumerate(images)
+        ]
+        tables[split] = Dataset.from_dict({"img": records, "label": labels.tolist()}, features=features)
+    DatasetDict(tables).save_to_disk(str(root))

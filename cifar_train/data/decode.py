@@ -1,0 +1,229 @@
+"""Encoded images (JPEG, PNG, ...) decoded into one uint8 `(N, C, H, W)` array, on every core.
+
+Rows are read in chunks and decoded by a pool of processes (one per core available to us; a small split
+is decoded in this process, where a pool would cost more than it saves). Every image takes the mode and
+size of the split's first readable one (grayscale modes -> "L", anything else -> "RGB"), so the same
+bytes give the same pixels however the work is split. Per image it also returns the per-channel sums of
+pixel values and of their squares (exact integers), from which mean and std of any subset follow.
+
+On a terminal a rich progress bar shows the decoding; elsewhere one plain line says that it started.
+This module imports no torch, so the pool's workers start light.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import io
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+
+from cifar_train.data.source import first_line
+from cifar_train.errors import UserError
+
+__all__ = ["GRAYSCALE_MODES", "Decoded", "Record", "decode_images", "image_format", "open_image"]
+
+Record = tuple[bytes | None, str | None]  # (encoded bytes, file path): one of them set
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+CHUNK_IMAGES = 1024  # images per task sent to a worker
+PARALLEL_MIN_IMAGES = 4096  # below this a split is decoded in this process
+_PIL_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises on truncated or invalid files
+
+
+@dataclass
+class Decoded:
+    """A decoded split: the readable images in row order, their row indices and pixel sums."""
+
+    images: np.ndarray  # uint8 (N, C, H, W)
+    kept: np.ndarray  # int64 (N,): row index of each image
+    sums: np.ndarray  # int64 (N, C): sum of pixel values (0-255) per image and channel
+    squares: np.ndarray  # int64 (N, C): sum of squared pixel values
+    skipped: list[int]  # rows left out as corrupt (skip_corrupt)
+    skipped_files: list[str | None]  # their file paths, where the rows have one
+
+
+def open_image(record: Record | None) -> PIL.Image.Image:
+    """The image of an undecoded record, loaded (so a corrupt file fails here)."""
+    data, path = record if record is not None else (None, None)
+    if data is None and path is None:
+        raise OSError("missing image")
+    image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
+    image.load()
+    return image
+
+
+def image_format(image: PIL.Image.Image) -> tuple[str, int, int, int]:
+    """`(mode, channels, height, width)` an image decodes to here."""
+    mode = "L" if image.mode in GRAYSCALE_MODES else "RGB"
+    return mode, 1 if mode == "L" else 3, image.size[1], image.size[0]
+
+
+def decode_images(
+    count: int,
+    read: Callable[[int, int], list[Record]],  # (start, stop) -> the records of those rows
+    *,
+    split: str,  # for messages
+    skip_corrupt: bool,
+    say: Callable[[str], None],
+) -> Decoded:
+    """Decode rows `0..count-1`; a corrupt image fails (naming its row and file) unless `skip_corrupt`."""
+    target = _first_format(count, read)
+    if target is None:
+        raise UserError(f"data.dataset: split {split!r} holds no readable image")
+    _, channels, height, width = target
+    images = np.empty((count, channels, height, width), dtype=np.uint8)
+    sums, squares = np.zeros((count, channels), np.int64), np.zeros((count, channels), np.int64)
+    readable = np.zeros(count, dtype=bool)
+    failures: list[tuple[int, str, str]] = []  # (row, kind, detail)
+    files: dict[int, str | None] = {}
+    workers = _worker_count() if count >= PARALLEL_MIN_IMAGES else 0
+    with _progress(count, split, workers, say) as advance:
+        for start, result in _decoded_chunks(count, read, target, workers, stop_early=not skip_corrupt):
+            ok, chunk, chunk_sums, chunk_squares, chunk_failures = result
+            stop = start + len(ok)
+            images[start:stop][ok] = chunk[ok]
+            sums[start:stop], squares[start:stop], readable[start:stop] = chunk_sums, chunk_squares, ok
+            failures += [(row, kind, detail) for row, kind, detail, _ in chunk_failures]
+            files.update({row: path for row, _, _, path in chunk_failures})
+            advance(len(ok))
+    failures.sort()
+    fatal = [failure for failure in failures if failure[1] == "size" or not skip_corrupt]
+    if fatal:
+        raise _failure_error(fatal[0], files[fatal[0][0]], split, (height, width))
+    kept = np.flatnonzero(readable)
+    if len(kept) < count:
+        images, sums, squares = images[kept], sums[kept], squares[kept]
+    skipped = [row for row, _, _ in failures]
+    return Decoded(images, kept, sums, squares, skipped, [files[row] for row in skipped])
+
+
+def _failure_error(failure: tuple[int, str, str], path: str | None, split: str, size: tuple[int, int]) -> UserError:
+    row, kind, detail = failure
+    where = f"split {split!r} at index {row}" + (f" (file {path!r})" if path else "")
+    if kind == "size":
+        return UserError(
+            f"data.dataset: images differ in size ({where}: {detail}, the first is {size[0]}x{size[1]}); decoding "
+            'into memory needs one size: set data.pipeline = "streaming" (it crops every image to data.image_size)'
+        )
+    return UserError(
+        f"data.dataset: corrupt image in {where}: {detail}; fix or remove it, "
+        "or set data.skip_corrupt = true to skip such images"
+    )
+
+
+def _first_format(count: int, read: Callable[[int, int], list[Record]]) -> tuple[str, int, int, int] | None:
+    for start in range(0, count, 64):
+        for record in read(start, min(count, start + 64)):
+            try:
+                return image_format(open_image(record))
+            except _PIL_ERRORS:
+                continue
+    return None
+
+
+def _decoded_chunks(
+    count: int, read: Callable[[int, int], list[Record]], target: tuple, workers: int, *, stop_early: bool
+) -> Iterator[tuple[int, tuple]]:
+    """`(start, decode_chunk result)` for every chunk, as they finish. With `stop_early`, no chunk is started
+    after one reported a failure (every earlier chunk still finishes, so the first failure is found)."""
+    starts = iter(range(0, count, CHUNK_IMAGES))
+    if workers == 0:
+        for start in starts:
+            result = decode_chunk(read(start, min(count, start + CHUNK_IMAGES)), start, target)
+            yield start, result
+            if stop_early and result[4]:
+                return
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+        running: dict[concurrent.futures.Future, int] = {}
+        failed = False
+
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is not None and not failed:
+                records = read(start, min(count, start + CHUNK_IMAGES))
+                running[pool.submit(decode_chunk, records, start, target)] = start
+
+        for _ in range(2 * workers):
+            submit_next()
+        while running:
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                result = future.result()
+                failed = failed or (stop_early and bool(result[4]))
+                yield running.pop(future), result
+                submit_next()
+
+
+def decode_chunk(records: list[Record], start: int, target: tuple[str, int, int, int]) -> tuple:
+    """Decode one chunk (runs in a worker): `(readable mask, uint8 (n, C, H, W), sums, squares, failures)`."""
+    mode, channels, height, width = target
+    images = np.zeros((len(records), channels, height, width), dtype=np.uint8)
+    ok = np.zeros(len(records), dtype=bool)
+    failures = []  # (row, "corrupt" | "size", detail, file path)
+    for index, record in enumerate(records):
+        path = record[1] if record is not None else None
+        try:
+            image = open_image(record)
+        except _PIL_ERRORS as err:
+            failures.append((start + index, "corrupt", first_line(err), path))
+            continue
+        if image.size != (width, height):
+            failures.append((start + index, "size", f"{image.size[1]}x{image.size[0]}", path))
+            continue
+        if image.mode != mode:
+            image = image.convert(mode)
+        pixels = np.asarray(image)
+        images[index] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        ok[index] = True
+    flat = images.reshape(len(records), channels, -1)
+    sums = flat.sum(axis=2, dtype=np.int64)
+    squares = np.square(flat, dtype=np.uint16).sum(axis=2, dtype=np.int64)  # 255**2 fits in uint16
+    return ok, images, sums, squares, failures
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Forkserver where there is one: workers fork from a clean server that imported this module once (no
+    fork of a process with threads, no re-import of the caller's script); spawn elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _worker_count() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _progress(total: int, split: str, workers: int, say: Callable[[str], None]) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(images)`: a rich bar on a terminal (stderr), else one plain line now."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    where = f"{workers} worker processes" if workers else "this process"
+    if not console.is_terminal:
+        say(f"data: decoding [{split}] {total:,} images on {where} (cached for later runs) ...")
+        yield lambda images: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    label = TextColumn(f"data: decoding [{split}] on {where}", markup=False)  # "[split]" is no rich markup
+    with Progress(label, *columns, console=console, transient=True) as bar:
+        task = bar.add_task("decode", total=total)
+        yield lambda images: bar.advance(task, images)

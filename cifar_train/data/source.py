@@ -1,0 +1,275 @@
+"""Where the data comes from: `data.dataset` resolved (Hub id, alias, local folder), opened, split, columns found.
+
+Opening gives a `datasets.DatasetDict` and decodes nothing. A local imagefolder is listed by
+`cifar_train.data.local` and wrapped in in-memory `datasets.Dataset`s (paths only), everything else goes
+through `datasets.load_dataset` / `load_from_disk`. The image and label columns are detected from the
+features (`Image`, `ClassLabel`) unless named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifar_train.data.local import FolderScan, ImageFolderListing, scan_folder
+from cifar_train.digits import DIGITS_ALIAS, materialize_digits
+from cifar_train.errors import UserError, did_you_mean
+from cifar_train.hub import OFFLINE_REASON, hub_offline, hub_unavailable
+
+__all__ = [
+    "DATASET_ALIASES",
+    "class_names",
+    "default_cache_dir",
+    "detect_columns",
+    "first_line",
+    "known_pipeline",
+    "open_dataset",
+    "pick_columns",
+    "pick_split",
+    "resolve_dataset",
+    "split_identity",
+    "split_labels",
+    "split_records",
+]
+
+DATASET_ALIASES: dict[str, str] = {
+    "cifar10": "uoft-cs/cifar10",
+    "cifar100": "uoft-cs/cifar100",
+    "mnist": "ylecun/mnist",
+    "fashion_mnist": "zalando-datasets/fashion_mnist",
+    "kmnist": "tanganke/kmnist",  # parquet copy, no loading script (remote code) needed
+    "imagenet": "ILSVRC/imagenet-1k",  # gated on the Hub: accept its terms and log in first
+}
+
+# Label columns preferred when a dataset has several `ClassLabel` columns (CIFAR-100: fine before coarse).
+_PREFERRED_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+_SMALL = ("cifar10", "cifar100", "mnist", "fashion_mnist", "kmnist")
+_KNOWN_PIPELINES = {
+    **{name: "memory" for name in (*_SMALL, *(DATASET_ALIASES[alias] for alias in _SMALL), DIGITS_ALIAS)},
+    "imagenet": "streaming",
+    DATASET_ALIASES["imagenet"]: "streaming",
+}
+_SPLIT_ORDER = ("train", "validation", "test")
+_LOCAL_LAYOUTS = "parquet shards, an imagefolder or a save_to_disk folder"
+
+
+def default_cache_dir() -> Path:
+    """`$CIFAR_RECIPES_CACHE`, or `~/.cache/cifar_recipes`."""
+    return Path(os.environ.get("CIFAR_RECIPES_CACHE") or Path.home() / ".cache" / "cifar_recipes")
+
+
+def known_pipeline(dataset: str) -> str | None:
+    """The pipeline of a dataset known by name (decoded "memory" or "streaming"), without touching it; else None."""
+    return _KNOWN_PIPELINES.get(dataset)
+
+
+def resolve_dataset(dataset: str) -> tuple[str, bool]:
+    """Turn `data.dataset` into `(hub id or absolute local path, is_local)`.
+
+    An existing local path wins over a Hub id of the same spelling; a bare word must be an alias.
+    """
+    if dataset in DATASET_ALIASES:
+        return DATASET_ALIASES[dataset], False
+    if dataset == DIGITS_ALIAS:  # bundled with scikit-learn: written once as a local parquet dataset
+        return str(materialize_digits(default_cache_dir())), True
+    path = Path(dataset).expanduser()
+    if path.exists():
+        return str(path.resolve()), True
+    if dataset.startswith((".", "/", "~")) or dataset.count("/") > 1 or (os.sep != "/" and os.sep in dataset):
+        raise UserError(f"data.dataset: local path {dataset!r} does not exist")
+    if "/" not in dataset:
+        aliases = [*DATASET_ALIASES, DIGITS_ALIAS]
+        raise UserError(
+            f"data.dataset: unknown dataset alias {dataset!r}{did_you_mean(dataset, aliases)}; "
+            f"known aliases: {', '.join(aliases)} (or give a Hub id 'owner/name' or a local path)"
+        )
+    return dataset, False
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def idx_hint(path: str, idx_files: Sequence[str]) -> UserError:
+    """The raw MNIST-family format (`train-images-idx3-ubyte[.gz]`), which `datasets` cannot read."""
+    return UserError(
+        f"data.dataset: {path!r} holds raw idx files ({', '.join(idx_files[:2])}), the original MNIST / "
+        "Fashion-MNIST / KMNIST format, which `datasets` does not read; use the alias instead (mnist, "
+        "fashion_mnist, kmnist: the same images from the Hub), or convert the files to an imagefolder "
+        "(<split>/<label>/<n>.png) or parquet shards"
+    )
+
+
+def open_dataset(name: str, is_local: bool, scan: FolderScan | None = None) -> Any:
+    """A resolved dataset as a `datasets.DatasetDict`, nothing decoded. `scan`: the local folder's, if made."""
+    with _quiet_datasets():
+        if not is_local:
+            return _open_hub(name)
+        path = Path(name)
+        if path.is_file():
+            raise UserError(
+                f"data.dataset: {name!r} is a file; give the folder that holds the dataset ({_LOCAL_LAYOUTS})"
+            )
+        scan = scan or scan_folder(path)
+        if scan.layout == "idx":
+            raise idx_hint(name, scan.idx_files)
+        if scan.imagefolder is not None:
+            return _imagefolder_dict(scan.imagefolder)
+        return _open_local(name, scan)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars while we open a dataset: our own output says what happens."""
+    import datasets
+
+    were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_enabled:
+            datasets.enable_progress_bars()
+
+
+def _imagefolder_dict(listing: ImageFolderListing) -> Any:
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=listing.class_names)})
+    order = sorted(listing.files, key=lambda split: (_SPLIT_ORDER.index(split), split))
+    return datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"image": listing.files[split], "label": listing.labels[split]}, features=features
+            )
+            for split in order
+        }
+    )
+
+
+def _open_local(name: str, scan: FolderScan) -> Any:
+    import datasets
+
+    try:
+        if scan.layout == "save_to_disk":
+            loaded = datasets.load_from_disk(name)
+        else:
+            # `datasets` keys its Arrow cache of a local folder by the folder's name, not its contents, so a
+            # changed folder (or another of the same name) would be served stale rows: rebuild it.
+            loaded = datasets.load_dataset(name, download_mode="force_redownload")
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(
+            f"data.dataset: cannot read a dataset from {name!r} ({first_line(err)}); it should hold {_LOCAL_LAYOUTS}"
+        ) from err
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def _open_hub(hub_id: str) -> Any:
+    import datasets
+
+    if not datasets.config.HF_HUB_OFFLINE:  # the library will go to the network: fail now, not after retries
+        reason = hub_unavailable()
+        if reason is not None:
+            raise _hub_error(hub_id, reason)
+    try:
+        loaded = datasets.load_dataset(hub_id)
+    except (ConnectionError, FileNotFoundError) as err:
+        raise _hub_error(hub_id, OFFLINE_REASON if hub_offline() else first_line(err)) from err
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def _hub_error(hub_id: str, reason: str) -> UserError:
+    if hub_offline():
+        fix = "unset HF_HUB_OFFLINE where the Hub is reachable to download it into the Hugging Face cache"
+    else:
+        fix = "download it where the Hub is reachable (HF_HUB_OFFLINE=1 then uses that cached copy)"
+    return UserError(
+        f"data.dataset: cannot load {hub_id!r} from the Hugging Face Hub: {reason}; {fix}, "
+        f"or point data.dataset at a local copy ({_LOCAL_LAYOUTS})"
+    )
+
+
+def pick_split(splits: Any, split: str, setting: str) -> Any:
+    """`splits[split]`, or an error naming `setting` (e.g. `data.val_split`, `--split`) and the splits there are."""
+    if split not in splits:
+        hint = ""
+        if setting == "data.val_split":
+            hint = ' (or set data.val_split = "" with data.val_fraction > 0 to hold out part of train)'
+        raise UserError(
+            f"{setting}: split {split!r} not found{did_you_mean(split, splits)}; "
+            f"this dataset has: {', '.join(splits)}{hint}"
+        )
+    return splits[split]
+
+
+def detect_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """Image and label column names, from a `datasets.Features` unless given explicitly."""
+    return pick_columns(
+        {name: type(feature).__name__ for name, feature in features.items()}, image_column, label_column
+    )
+
+
+def pick_columns(kinds: dict[str, str], image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """Image and label columns from `{column: feature type name}` ("Image", "ClassLabel", "Value", ...)."""
+    listing = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+    for given, role in ((image_column, "image"), (label_column, "label")):
+        if given is not None and given not in kinds:
+            raise UserError(
+                f"data.{role}_column: column {given!r} not found{did_you_mean(given, kinds)}; columns: {listing}"
+            )
+    if image_column is None:
+        images = [name for name, kind in kinds.items() if kind == "Image"]
+        if not images:
+            raise UserError(f"data.image_column: no Image column detected; columns: {listing}; name one explicitly")
+        image_column = images[0]
+    elif kinds[image_column] != "Image":
+        raise UserError(f"data.image_column: column {image_column!r} holds no images; columns: {listing}")
+    if label_column is None:
+        labels = [name for name, kind in kinds.items() if kind == "ClassLabel"]
+        if not labels:
+            raise UserError(
+                f"data.label_column: no ClassLabel column detected; columns: {listing}; name one explicitly"
+            )
+        preferred = [name for name in _PREFERRED_LABEL_COLUMNS if name in labels]
+        label_column = preferred[0] if preferred else labels[0]
+    return image_column, label_column
+
+
+def class_names(feature: Any, labels: np.ndarray) -> list[str]:
+    """The `ClassLabel`'s names, or "0".."max" for plain integer labels."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    count = int(labels.max()) + 1 if len(labels) else 0
+    return [str(index) for index in range(count)]
+
+
+def split_labels(split: Any, label_column: str) -> np.ndarray:
+    """The label column as int64, in the split's row order."""
+    return np.asarray(split.with_format("arrow")[label_column].to_numpy(), dtype=np.int64)
+
+
+def split_records(split: Any, image_column: str, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
+    """Rows `start:stop` of an Image column, undecoded: `(encoded bytes or None, file path or None)` each."""
+    images = split.with_format("arrow")[start:stop].column(image_column).combine_chunks()
+    return list(zip(images.field("bytes").to_pylist(), images.field("path").to_pylist()))
+
+
+def split_identity(split: Any) -> str:
+    """What names a split's contents, to key its decoded cache.
+
+    `datasets` has no public accessor for a dataset's fingerprint (the hash of its Arrow files and the
+    operations applied), so this is the one place that reads the private `_fingerprint`.
+    """
+    return split._fingerprint

@@ -1,0 +1,306 @@
+"""Which pipeline a dataset takes, and the streaming one: per-sample timm transforms in `DataLoader` workers.
+
+`choose_pipeline` is the one place that decides: known small datasets (CIFAR, the MNIST family, digits)
+and anything already in the decode cache go to memory, ImageNet streams, and anything else is probed
+(a few images' sizes and the row count: memory when one size fits in `max_memory_bytes`).
+
+Streaming decodes and transforms each sample in the loader's workers through `Dataset.with_transform`
+(RandomResizedCrop + flip for training, resize + centre crop for evaluation, both normalised), so the
+training loop gets float batches and applies only the batch-level steps (`BatchAugment.normalized`).
+Per-sample randomness draws from the workers' seeded RNGs: do not expect bit-exact resume here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from cifar_train.data.batches import eval_block, pad_batch
+from cifar_train.data.decode import image_format, open_image
+from cifar_train.data.decoded import DatasetSource
+from cifar_train.data.info import DatasetInfo, mean_std
+from cifar_train.data.sampler import ShardedBatchSampler
+from cifar_train.data.source import (
+    class_names,
+    detect_columns,
+    known_pipeline,
+    pick_split,
+    split_labels,
+    split_records,
+)
+from cifar_train.errors import UserError
+
+__all__ = [
+    "StreamingEvalBatches",
+    "StreamingSplit",
+    "StreamingTrainBatches",
+    "choose_pipeline",
+    "streaming_info",
+]
+
+_PROBE_IMAGES = 8
+MAX_MEMORY_BYTES = 8 * 1024**3  # decoded uint8 size above which "auto" streams
+
+
+def choose_pipeline(
+    dataset: str | DatasetSource,
+    *,
+    pipeline: str = "auto",
+    train_split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    skip_corrupt: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    max_memory_bytes: int = MAX_MEMORY_BYTES,
+) -> str:
+    """`pipeline`, with "auto" resolved to "memory" or "streaming" (see the module's docstring)."""
+    if pipeline != "auto":
+        return pipeline
+    known = known_pipeline(dataset.given if isinstance(dataset, DatasetSource) else dataset)
+    if known is not None:
+        return known
+    source = dataset if isinstance(dataset, DatasetSource) else DatasetSource(dataset, cache_dir)
+    if source.cached(train_split, image_column, label_column, skip_corrupt) is not None:
+        return "memory"  # decoded before: it fits
+    rows = pick_split(source.splits, train_split, "data.train_split")
+    image_column, _ = detect_columns(rows.features, image_column, None)
+    shapes = set()
+    for record in split_records(rows, image_column, 0, min(_PROBE_IMAGES, len(rows))):
+        try:
+            shapes.add(image_format(open_image(record))[1:])
+        except (OSError, SyntaxError, ValueError):
+            continue  # a corrupt image is reported (or skipped) by the decoding that follows
+    if len(shapes) > 1:
+        return "streaming"
+    if not shapes:
+        return "memory"
+    channels, height, width = shapes.pop()
+    return "memory" if len(rows) * channels * height * width <= max_memory_bytes else "streaming"
+
+
+@dataclass
+class StreamingSplit:
+    """One split opened for streaming: its rows (image and label columns only) and the image mode."""
+
+    name: str  # the resolved dataset
+    split: str
+    rows: Any  # datasets.Dataset
+    image_column: str
+    label_column: str
+    mode: str  # "RGB" or "L": every image is converted to the first one's
+
+    @classmethod
+    def open(
+        cls, source: DatasetSource, split: str, *, setting: str, image_column: str | None, label_column: str | None
+    ) -> StreamingSplit:
+        rows = pick_split(source.splits, split, setting)
+        image_column, label_column = detect_columns(rows.features, image_column, label_column)
+        if len(rows) == 0:
+            raise UserError(f"{setting}: split {split!r} of {source.name!r} holds no images")
+        mode = image_format(open_image(split_records(rows, image_column, 0, 1)[0]))[0]
+        rows = rows.select_columns([image_column, label_column])
+        return cls(source.name, split, rows, image_column, label_column, mode)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        return class_names(self.rows.features[self.label_column], split_labels(self.rows, self.label_column))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def transformed(self, transform: Any, rows: Any = None) -> Any:
+        """The rows as a map-style dataset of `{"image": tensor, "label": int}`, decoded and transformed lazily."""
+        rows = self.rows if rows is None else rows
+        return rows.with_transform(_Transform(self.image_column, self.label_column, self.mode, transform))
+
+
+class _Transform:
+    """`with_transform`'s function: a batch of rows -> converted, transformed images (picklable for workers)."""
+
+    def __init__(self, image_column: str, label_column: str, mode: str, transform: Any) -> None:
+        self.image_column, self.label_column, self.mode, self.transform = image_column, label_column, mode, transform
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        images = [image if image.mode == self.mode else image.convert(self.mode) for image in batch[self.image_column]]
+        return {"image": [self.transform(image) for image in images], "label": batch[self.label_column]}
+
+
+def _timm_transform(
+    channels: int,
+    image_size: int,  # pixels
+    eval_resize: int,  # pixels
+    *,
+    training: bool,
+    mean: Sequence[float] | None = None,  # None: no normalisation (values in [0, 1])
+    std: Sequence[float] | None = None,
+    min_scale: float = 0.08,
+    hflip: bool = True,
+) -> Any:
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=(channels, image_size, image_size),
+        is_training=training,
+        scale=(min_scale, 1.0),
+        hflip=0.5 if hflip else 0.0,
+        color_jitter=0.0,
+        interpolation="bilinear",
+        crop_pct=image_size / eval_resize,
+        normalize=mean is not None,
+        **({"mean": tuple(mean), "std": tuple(std)} if mean is not None else {}),
+    )
+
+
+def streaming_info(
+    train: StreamingSplit,
+    *,
+    image_size: int = 224,  # pixels; statistics are taken on centre crops of this size
+    eval_resize: int = 256,  # pixels
+    sample_size: int = 2048,  # training images sampled for mean and std
+    seed: int = 0,
+) -> DatasetInfo:
+    """`DatasetInfo` for the streaming path; mean and std come from a seeded sample of training images."""
+    count = min(sample_size, len(train.rows))
+    picks = torch.randperm(len(train.rows), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    to_tensor = _timm_transform(train.channels, image_size, eval_resize, training=False)
+    sample = train.transformed(to_tensor, train.rows.select(picks.tolist()))
+    sums, squares = [], []
+    for start in range(0, count, 256):  # chunks bound the memory: 256 float crops at a time
+        pixels = torch.stack(sample[start : start + 256]["image"]).mul_(255).round_().to(torch.int64).flatten(2)
+        sums.append(pixels.sum(2))
+        squares.append(pixels.square().sum(2))
+    mean, std = mean_std(torch.cat(sums), torch.cat(squares), image_size * image_size)
+    return DatasetInfo(
+        name=train.name,
+        num_classes=train.num_classes,
+        class_names=train.class_names,
+        channels=train.channels,
+        image_size=(image_size, image_size),
+        mean=mean,
+        std=std,
+    )
+
+
+class _EpochView:
+    """The loader's batch sampler: one epoch of a `ShardedBatchSampler`, chosen before each pass."""
+
+    def __init__(self, sampler: ShardedBatchSampler) -> None:
+        self.sampler, self.epoch, self.start = sampler, 0, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (batch.tolist() for batch in self.sampler.batches(self.epoch, self.start))
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start
+
+
+def _loader(dataset: Any, num_workers: int, **options: Any) -> DataLoader:
+    return DataLoader(
+        dataset,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        **options,
+    )
+
+
+class StreamingTrainBatches:
+    """Training batches: RandomResizedCrop + flip + normalise in the workers, then `augment.normalized`."""
+
+    def __init__(
+        self,
+        split: StreamingSplit,
+        augment: Any,  # a cifar_train.augment.BatchAugment
+        *,
+        batch_size: int,  # per rank
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        device: torch.device | str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: int,  # pixels
+        eval_resize: int,  # pixels
+        min_scale: float,
+        num_workers: int,
+    ) -> None:
+        transform = _timm_transform(
+            split.channels,
+            image_size,
+            eval_resize,
+            training=True,
+            mean=mean,
+            std=std,
+            min_scale=min_scale,
+            hflip=getattr(augment, "hflip", True),
+        )
+        sampler = ShardedBatchSampler(
+            len(split.rows), batch_size, num_replicas=num_replicas, rank=rank, seed=seed, shuffle=True, drop_last=True
+        )
+        self._view = _EpochView(sampler)
+        self.loader = _loader(split.transformed(transform), num_workers, batch_sampler=self._view)
+        self.augment, self.device = augment, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self._view.sampler)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._view.epoch, self._view.start = epoch, start
+        for batch in self.loader:
+            images = batch["image"].to(self.device, non_blocking=True)
+            yield self.augment.normalized(images, batch["label"].to(self.device, non_blocking=True))
+
+
+class StreamingEvalBatches:
+    """Evaluation batches: resize + centre crop + normalise in the workers; fixed size, padded, masked."""
+
+    def __init__(
+        self,
+        split: StreamingSplit,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: int,  # pixels
+        eval_resize: int,  # pixels
+        batch_size: int,  # per rank
+        num_replicas: int = 1,
+        rank: int = 0,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        transform = _timm_transform(split.channels, image_size, eval_resize, training=False, mean=mean, std=std)
+        self.num_samples = len(split.rows)
+        start, stop, self.num_batches = eval_block(self.num_samples, batch_size, num_replicas, rank)
+        block = split.transformed(transform, split.rows.select(range(start, stop)))
+        # Its own generator: iterating draws worker seeds, which must not come from the training RNG stream.
+        generator = torch.Generator().manual_seed(seed)
+        self.loader = _loader(block, num_workers, batch_size=batch_size, shuffle=False, generator=generator)
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.shape = (split.channels, image_size, image_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        size, done = self.batch_size, 0
+        for batch in self.loader:
+            count = len(batch["label"])
+            images = pad_batch(batch["image"], size).to(self.device, non_blocking=True)
+            labels = pad_batch(batch["label"], size).to(self.device, non_blocking=True)
+            yield images, labels, (torch.arange(size) < count).to(self.device, non_blocking=True)
+            done += 1
+        for _ in range(done, self.num_batches):  # a rank with fewer samples still runs every batch
+            images = torch.zeros((size, *self.shape), device=self.device)
+            yield images, torch.zeros(size, dtype=torch.int64, device=self.device), images.new_zeros(size, dtype=bool)

@@ -1,0 +1,226 @@
+"""The `[data]` section's one entry point for training: check it, open the data, hand out batch sources.
+
+`check_data` applies the rules that need no data (cheap: no dataset access, no `datasets` import).
+`open_training_data` resolves the dataset, chooses the pipeline, decodes (cached) or opens the splits for
+streaming, applies `val_fraction` and `train_limit`, prints one summary line per split, and returns a
+`TrainingData` whose `train_batches` / `val_batches` build each rank's batch sources.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cifar_train.errors import UserError
+from cifar_train.findings import Findings
+
+if TYPE_CHECKING:  # (the modules themselves import torch: check_data must stay light)
+    import torch
+
+    from cifar_train.data.batches import EvalBatches, TrainBatches
+    from cifar_train.data.info import DatasetInfo
+
+__all__ = ["TrainingData", "check_data", "open_training_data"]
+
+_STREAMING_ONLY = {
+    "data.image_size": "the crop size of the streaming pipeline; decoded images keep their size",
+    "data.eval_resize": "the evaluation resize of the streaming pipeline",
+    "data.min_scale": "RandomResizedCrop's smallest area share, streaming pipeline only",
+    "data.num_workers": "DataLoader workers of the streaming pipeline; decoded batches are sliced on the device",
+}
+_MEMORY_ONLY = {
+    "data.cache_dir": "the decode cache of the memory pipeline; streamed images are decoded per sample",
+    "data.skip_corrupt": "checked while decoding into memory; streaming reads images as it goes",
+}
+_STREAMING_NEEDS_SPLIT = 'needs a named data.val_split (e.g. "validation") rather than a held-out data.val_fraction'
+
+
+def check_data(
+    *,
+    dataset: str,
+    train_split: str,
+    val_split: str | None,
+    val_fraction: float,
+    train_limit: int,
+    image_column: str | None,
+    label_column: str | None,
+    pipeline: str,
+    num_workers: int,
+    image_size: int,
+    eval_resize: int,
+    min_scale: float,
+    cache_dir: str | None,
+    skip_corrupt: bool,
+) -> Findings:
+    """Raise `UserError` on `[data]` settings that contradict; return the settings that have no effect."""
+    from cifar_train.data.source import known_pipeline  # light: names only, no torch
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"data.val_fraction = {val_fraction!r} is out of range; use a value in [0, 1)")
+    if val_split and val_fraction > 0:
+        raise UserError(
+            f"data.val_split = {val_split!r} and data.val_fraction = {val_fraction} contradict; "
+            'set data.val_split = "" to hold out a fraction of train, or data.val_fraction = 0'
+        )
+    if not val_split and val_fraction == 0:
+        raise UserError('data.val_split = "" (hold out part of train) needs data.val_fraction > 0, e.g. 0.1')
+    if pipeline == "streaming" and not val_split:
+        raise UserError(f'data.pipeline = "streaming" {_STREAMING_NEEDS_SPLIT}')
+    if pipeline == "streaming" and train_limit:
+        raise UserError('data.train_limit works with the in-memory pipeline only (data.pipeline = "memory")')
+    if eval_resize < image_size:
+        raise UserError(f"data.eval_resize = {eval_resize} must be >= data.image_size = {image_size}")
+    effective = pipeline if pipeline != "auto" else known_pipeline(dataset)
+    findings = Findings()
+    if effective == "memory":
+        findings.ignored.update(_STREAMING_ONLY)
+    elif effective == "streaming":
+        findings.ignored.update(_MEMORY_ONLY)
+        cores = os.cpu_count() or 1
+        if num_workers > cores:
+            findings.warnings.append(f"data.num_workers = {num_workers} is more than the {cores} CPU cores here")
+    return findings
+
+
+@dataclass
+class TrainingData:
+    """The opened data: what it is (`info`), how it flows (`pipeline`), and each rank's batch sources."""
+
+    info: DatasetInfo
+    pipeline: str  # "memory" | "streaming"
+    _train: Callable[..., TrainBatches] = field(repr=False)
+    _val: Callable[..., EvalBatches] = field(repr=False)
+
+    def train_batches(
+        self, augment: Any, *, batch_size: int, num_replicas: int, rank: int, seed: int, device: torch.device | str
+    ) -> TrainBatches:
+        """This rank's `TrainBatches`: `augment` is a `cifar_train.augment.BatchAugment`; `batch_size` per rank."""
+        return self._train(
+            augment, batch_size=batch_size, num_replicas=num_replicas, rank=rank, seed=seed, device=device
+        )
+
+    def val_batches(self, *, batch_size: int, num_replicas: int, rank: int, device: torch.device | str) -> EvalBatches:
+        """This rank's `EvalBatches`: fixed-size batches with a `valid` mask; `batch_size` per rank."""
+        return self._val(batch_size=batch_size, num_replicas=num_replicas, rank=rank, device=device)
+
+
+def open_training_data(
+    *,
+    dataset: str,
+    train_split: str = "train",
+    val_split: str | None = "test",
+    val_fraction: float = 0.0,
+    train_limit: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    pipeline: str = "auto",
+    num_workers: int = 4,
+    image_size: int = 224,
+    eval_resize: int = 256,
+    min_scale: float = 0.08,
+    cache_dir: str | os.PathLike | None = None,
+    skip_corrupt: bool = False,
+    seed: int = 0,
+    say: Callable[[str], None] = print,
+) -> TrainingData:
+    """Open the data a run trains on (the `[data]` keys, the run's seed, a printer for the summary lines).
+
+    Call it in `accelerator.main_process_first()`: the main process decodes and caches, the others read.
+    """
+    from cifar_train.data.batches import MemoryEvalBatches, MemoryTrainBatches
+    from cifar_train.data.decoded import DatasetSource, load_splits
+    from cifar_train.data.streaming import choose_pipeline
+
+    check_data(
+        dataset=dataset,
+        train_split=train_split,
+        val_split=val_split,
+        val_fraction=val_fraction,
+        train_limit=train_limit,
+        image_column=image_column,
+        label_column=label_column,
+        pipeline=pipeline,
+        num_workers=num_workers,
+        image_size=image_size,
+        eval_resize=eval_resize,
+        min_scale=min_scale,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        skip_corrupt=skip_corrupt,
+    )
+    val_split, image_column, label_column = val_split or None, image_column or None, label_column or None
+    source = DatasetSource(dataset, cache_dir)
+    columns = dict(image_column=image_column, label_column=label_column)
+    chosen = choose_pipeline(source, pipeline=pipeline, train_split=train_split, skip_corrupt=skip_corrupt, **columns)
+    if chosen == "streaming":
+        streaming = dict(image_size=image_size, eval_resize=eval_resize, min_scale=min_scale, num_workers=num_workers)
+        return _streaming_data(source, train_split, val_split, train_limit, columns, streaming, seed=seed, say=say)
+    train, val, info = load_splits(
+        source,
+        train_split=train_split,
+        val_split=val_split,
+        val_fraction=val_fraction,
+        train_limit=train_limit,
+        seed=seed,
+        skip_corrupt=skip_corrupt,
+        say=say,
+        **columns,
+    )
+    return TrainingData(
+        info,
+        "memory",
+        functools.partial(MemoryTrainBatches, train),
+        functools.partial(MemoryEvalBatches, val, mean=info.mean, std=info.std),
+    )
+
+
+def _streaming_data(
+    source: Any,
+    train_split: str,
+    val_split: str | None,
+    train_limit: int,
+    columns: dict[str, str | None],
+    options: dict[str, Any],  # image_size, eval_resize, min_scale, num_workers
+    *,
+    seed: int,
+    say: Callable[[str], None],
+) -> TrainingData:
+    from cifar_train.data.info import summary_line
+    from cifar_train.data.streaming import StreamingEvalBatches, StreamingSplit, StreamingTrainBatches, streaming_info
+
+    where = f"data.dataset {source.name!r} streams (too large to decode into memory, or of mixed image sizes)"
+    if val_split is None:
+        raise UserError(f"{where}, which {_STREAMING_NEEDS_SPLIT}")
+    if train_limit:
+        raise UserError(f'{where}; data.train_limit works with the in-memory pipeline only (data.pipeline = "memory")')
+    train = StreamingSplit.open(source, train_split, setting="data.train_split", **columns)
+    picked = dict(image_column=train.image_column, label_column=train.label_column)
+    val = StreamingSplit.open(source, val_split, setting="data.val_split", **picked)
+    info = streaming_info(train, image_size=options["image_size"], eval_resize=options["eval_resize"], seed=seed)
+    how = f"streaming (mean/std of {min(2048, len(train.rows)):,} training images, centre crops)"
+    for split in (train, val):
+        shape = (info.channels, *info.image_size)
+        count, classes = len(split.rows), info.num_classes
+        say(
+            summary_line(
+                info.name,
+                split.split,
+                images=count,
+                num_classes=classes,
+                shape=shape,
+                mean=info.mean,
+                std=info.std,
+                how=how,
+            )
+        )
+    common = dict(mean=info.mean, std=info.std, image_size=options["image_size"], eval_resize=options["eval_resize"])
+    return TrainingData(
+        info,
+        "streaming",
+        functools.partial(
+            StreamingTrainBatches, train, min_scale=options["min_scale"], num_workers=options["num_workers"], **common
+        ),
+        functools.partial(StreamingEvalBatches, val, num_workers=options["num_workers"], seed=seed, **common),
+    )
