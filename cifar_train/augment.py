@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 from .errors import UserError
-from .recipe import Findings, check_fields
+from .schema import Findings, check_fields
 
 __all__ = ["BatchAugment", "check_augment", "normalize", "ricap", "soft_targets"]
 

@@ -169,7 +169,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     args = _evaluate_parser().parse_args(argv)
 
     def body() -> int:
-        from .evaluation import run_evaluation
+        from .report import run_evaluation
 
         return run_evaluation(args)
 

@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from .augment import BatchAugment
 from .errors import UserError, did_you_mean
 from .optim import check_optimizer, create_optimizer
-from .recipe import Recipe, section_kwargs
 from .schedule import create_scheduler
+from .schema import Recipe, section_kwargs
 from .step import per_process_batch
 
 __all__ = [

@@ -24,7 +24,7 @@ from timm.layers import evo_norm, filter_response_norm, norm, norm_act
 from torch import nn
 
 from cifar_train.errors import UserError, did_you_mean
-from cifar_train.recipe import Findings, check_fields
+from cifar_train.schema import Findings, check_fields
 
 __all__ = [
     "LARS",

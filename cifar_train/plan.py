@@ -16,9 +16,9 @@ from rich.table import Table
 
 from .components import check_model, launched_processes, preflight, resolve_precision
 from .errors import UserError
-from .recipe import Recipe, section_kwargs
 from .rundir import RunDirectory, resumed_recipe
 from .schedule import schedule_curve
+from .schema import Recipe, section_kwargs
 
 __all__ = ["dry_run", "make_plan"]
 

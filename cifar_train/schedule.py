@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .recipe import Findings, check_fields
+from .schema import Findings, check_fields
 
 __all__ = ["ScheduleCurve", "check_schedule", "create_scheduler", "schedule_curve"]
 

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 
 from .errors import UserError
 from .losses import dual_cutout_loss, soft_correct, soft_cross_entropy
-from .recipe import COMPILE_MODES, Findings
+from .schema import COMPILE_MODES, Findings
 
 __all__ = ["RunningMetrics", "TrainStep", "check_step", "compile_mode", "per_process_batch"]
 

@@ -12,6 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
 
+# Under pytest-xdist (`pytest -n 2`) each worker and the processes it starts get one thread: two workers with
+# two OpenMP threads each on two cores spin-wait on each other and run many times slower.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Nothing may reach for the Hub from a test; a missing local dataset must fail fast instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -73,6 +73,7 @@ def test_the_documents_hold_the_commands_they_promise():
     assert any(command.startswith("torchrun") for _, command in COMMANDS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[where for where, _ in COMMANDS])
 def test_every_documented_command_dry_runs(tmp_path, stand_ins, tiny_run, where, command):
     args = train_arguments(command)

@@ -347,23 +347,27 @@ def test_real_cifar10_test_split_decodes_with_dataset_statistics_and_caches(tmp_
     assert info.class_names[:3] == ["airplane", "automobile", "bird"]
     assert info.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=0.01)
     assert info.std == pytest.approx((0.247, 0.243, 0.261), abs=0.01)  # not the 0.2023 of the usual typo
-    start = time.perf_counter()
     cached, _ = load_split(str(cifar10_dir), split="test", cache_dir=tmp_path)
-    assert time.perf_counter() - start < 1.0  # seconds
     assert torch.equal(cached.images, split.images)
-    start = time.perf_counter()
     facts = describe_dataset(str(cifar10_dir))
-    assert time.perf_counter() - start < 1.0  # seconds
     assert facts["splits"] == {"train": 50_000, "test": 10_000} and facts["image_size"] == [32, 32]
     assert facts["class_names"] == info.class_names and facts["channels"] == 3 and not facts["problems"]
 
 
 @pytest.mark.slow
-def test_real_cifar10_train_starts_from_cache_in_under_a_second(tmp_path: Path, cifar10_dir: Path) -> None:
+def test_real_cifar10_warm_start_reads_only_the_cache(
+    tmp_path: Path, cifar10_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm start opens nothing through `datasets` and decodes nothing (benchmarks/startup.py times it)."""
     load_dataset_splits(str(cifar10_dir), cache_dir=tmp_path)
-    start = time.perf_counter()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a warm start opened or decoded the dataset again")
+
+    for name in ("load_dataset", "load_from_disk"):
+        monkeypatch.setattr(datasets, name, refused)
+    monkeypatch.setattr(decoded_module, "_decode", refused)
     train, val, _ = load_dataset_splits(str(cifar10_dir), cache_dir=tmp_path)
-    assert time.perf_counter() - start < 1.0  # seconds
     assert (len(train), len(val)) == (50_000, 10_000)
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, Features, Image
 
 import cifar_models  # noqa: F401  (registers resnet20)
+from cifar_train.cli import evaluate_main as main
 from cifar_train.errors import UserError
-from cifar_train.evaluation import compute_metrics, evaluate, expected_calibration_error, main, predict
+from cifar_train.evaluation import compute_metrics, evaluate, expected_calibration_error, predict
 from cifar_train.export import export_model
 from cifar_train.recipe import load_recipe, recipe_to_toml
 

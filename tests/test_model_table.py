@@ -16,6 +16,7 @@ def model_table():
     return module
 
 
+@pytest.mark.slow
 def test_readme_table_is_up_to_date(model_table, capsys) -> None:
     assert model_table.main(["--check"]) == 0, capsys.readouterr().out
 

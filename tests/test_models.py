@@ -186,7 +186,11 @@ class Built:
             return self.model.forward_intermediates(self.x)
 
 
-@pytest.fixture(scope="module", params=ALL_MODELS)
+# The quick loop (`pytest -m "not slow"`) checks every family on its smaller variants; `pytest` checks all.
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=pytest.mark.slow) if name in FORWARD_ONLY else name for name in ALL_MODELS],
+)
 def built(request: pytest.FixtureRequest) -> Built:
     return Built(request.param)
 
@@ -447,6 +451,7 @@ print(json.dumps({m: timm.list_models(module=m) for m in timm.list_modules()}))
 """
 
 
+@pytest.mark.slow
 def test_import_shadows_no_timm_name_or_group():
     """timm without cifar_models (fresh interpreter) vs timm after `import cifar_models`: nothing of timm's changed."""
     assert "cifar_models" in sys.modules

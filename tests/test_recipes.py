@@ -317,6 +317,7 @@ def _train_step(model: torch.nn.Module, recipe: Recipe, inputs: torch.Tensor, ta
     assert 0 < optimizer.param_groups[0]["lr"] <= recipe.optim.lr * (1 + 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", list(MODEL_GROUPS), ids=str)
 def test_recipes_build_their_model_and_train_one_step(group: str) -> None:
     """Build the group's model once; every recipe augments a batch and builds its optimizer and schedule, and

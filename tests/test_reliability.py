@@ -173,6 +173,7 @@ def test_resume_with_a_different_recipe_names_the_difference(tmp_path, tiny_run)
 # 2. Interruptions: SIGTERM, kill -9 at several moments, damaged checkpoints.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, tiny_run, signum):
     recipe, reference_dir = tiny_run.recipe, tiny_run.run_dir
@@ -187,7 +188,7 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, tiny_run, 
     assert name in stderr and f"--resume {run_dir}" in stderr and "Traceback" not in stderr
     newest = checkpoints(run_dir)[-1]
     assert not newest.name.endswith("_b000000"), f"expected a mid-epoch checkpoint, got {newest.name}"
-    result = run_cli("--resume", str(run_dir), "--set", "log.every_steps=1", str(recipe))
+    result = run_main(main, "--resume", str(run_dir), "--set", "log.every_steps=1", str(recipe))
     assert result.returncode == 0, result.stderr
     assert_same_weights(reference_dir, run_dir)
 
@@ -208,6 +209,7 @@ KILL_MOMENTS = {  # poll for this, then SIGKILL at once
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", list(KILL_MOMENTS))
 def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_run, moment):
     recipe, reference_dir = tiny_run.recipe, tiny_run.run_dir
@@ -219,7 +221,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_run, moment):
     assert checkpoints(run_dir), "no complete checkpoint before the kill"
     assert not (run_dir / "model.safetensors").exists()
 
-    result = run_cli("--resume", str(run_dir))
+    result = run_main(main, "--resume", str(run_dir))
     assert result.returncode == 0, result.stderr
     assert_same_weights(reference_dir, run_dir)
     assert [row["epoch"] for row in read_metrics(run_dir)] == list(range(1, TINY_EPOCHS + 1))
@@ -249,7 +251,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_used(tmp_path, t
     previous, newest = checkpoints(run_dir)[-2:]
     damage(newest / file)
 
-    result = run_cli("--resume", str(run_dir))
+    result = run_main(main, "--resume", str(run_dir))
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert f"checkpoint {newest.name} is damaged" in output and file in output, output
@@ -278,7 +280,7 @@ def test_checkpoints_load_with_weights_only(tmp_path, tiny_run):
     torch.save({"state": {}, "param_groups": [], "evil": _Payload(marker)}, newest / "optimizer.bin")
     seal(newest)  # a crafted checkpoint: its manifest agrees with the planted file
 
-    result = run_cli("--resume", str(run_dir))
+    result = run_main(main, "--resume", str(run_dir))
     assert result.returncode == 0, result.stderr
     assert not marker.exists(), "unpickling ran code: a checkpoint was loaded without weights_only=True"
     assert f"checkpoint {newest.name} is damaged (UnpicklingError" in result.stdout + result.stderr
@@ -315,7 +317,7 @@ EXPLODING = [
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, digits_dir):
     recipe = write_recipe(tmp_path / "r.toml", digits_dir)
     run_dir = tmp_path / "run"
-    result = run_cli(str(recipe), "--output-dir", str(run_dir), *EXPLODING)
+    result = run_main(main, str(recipe), "--output-dir", str(run_dir), *EXPLODING)
     line = assert_one_line_error(result, "the loss is not finite", "The last good checkpoint is kept", status=3)
     bad_step = int(re.search(r"step (\d+)", line).group(1))
     assert bad_step > TINY_STEPS_PER_EPOCH  # epoch 1 was fine
@@ -329,7 +331,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 def test_nonfinite_loss_skip_counts_skipped_steps(tmp_path, digits_dir):
     recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"nonfinite_loss": "skip"})
     run_dir = tmp_path / "run"
-    result = run_cli(str(recipe), "--output-dir", str(run_dir), *EXPLODING)
+    result = run_main(main, str(recipe), "--output-dir", str(run_dir), *EXPLODING)
     assert result.returncode == 0, result.stderr
     rows = read_metrics(run_dir)
     assert rows[0].get("skipped_steps", 0) == 0
@@ -371,16 +373,16 @@ def test_corrupt_image_names_split_and_index(tmp_path, digits_dir, index):
 def test_corrupt_image_is_skipped_and_reported_when_asked(tmp_path, digits_dir):
     dataset = _corrupt_copy(tmp_path, digits_dir, 200)
     recipe = write_recipe(tmp_path / "r.toml", dataset, data={"skip_corrupt": True})
-    result = run_cli(str(recipe), "--output-dir", str(tmp_path / "run"), "--set", "train.epochs=1")
+    result = run_main(main, str(recipe), "--output-dir", str(tmp_path / "run"), "--set", "train.epochs=1")
     assert result.returncode == 0, result.stderr
-    assert "skipped 1 corrupt image(s): split 'train', index 200" in result.stderr
+    assert "warning: skipped 1 corrupt image(s): split 'train', index 200" in result.stdout
     assert (tmp_path / "run" / "model.safetensors").is_file()
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["skipped_corrupt_images"] == {"train": [200]}
     # A second run decodes nothing (the cache has it) and still says, and records, what was left out.
-    again = run_cli(str(recipe), "--output-dir", str(tmp_path / "again"), "--set", "train.epochs=1")
+    again = run_main(main, str(recipe), "--output-dir", str(tmp_path / "again"), "--set", "train.epochs=1")
     assert again.returncode == 0, again.stderr
-    assert "skipped 1 corrupt image(s): split 'train', index 200" in again.stderr
+    assert "warning: skipped 1 corrupt image(s): split 'train', index 200" in again.stdout
     assert json.loads((tmp_path / "again" / "final_metrics.json").read_text())["skipped_corrupt_images"] == {
         "train": [200]
     }
@@ -426,6 +428,7 @@ def test_changed_dataset_is_decoded_again_not_served_from_a_stale_cache(tmp_path
 # 5. Concurrency: one writer per run directory, and the refused one says who holds it.
 
 
+@pytest.mark.slow
 def test_second_run_on_a_busy_directory_names_the_holder(tmp_path, tiny_run):
     recipe = tiny_run.recipe
     run_dir = tmp_path / "run"

@@ -15,55 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli, write_recipe
 
 from cifar_train import records, results
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(path: Path, dataset: Path) -> Path:
-    """ResNet-20 on 128 real digits, batch 32: a whole run takes a few seconds on a CPU."""
-    path.write_text(
-        f"""[model]
-name = "resnet20"
-
-[data]
-dataset = "{dataset}"
-train_limit = 128
-
-[augment]
-crop_padding = 1
-hflip = false
-
-[schedule]
-name = "cosine"
-
-[train]
-epochs = 3
-batch_size = 32
-val_batch_size = 128
-
-[log]
-progress = false
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, digits_dir) -> tuple[Path, Path]:
-    """(recipe, run directory) of one finished real run, started as a user would, with one --set."""
-    folder = tmp_path_factory.mktemp("tiny_run")
-    recipe = tiny_recipe(folder / "tiny.toml", digits_dir)
+def set_run(tmp_path_factory, digits_dir) -> tuple[Path, Path]:
+    """(recipe, run directory) of one finished real run of the tiny recipe, started as a user would, with one --set."""
+    folder = tmp_path_factory.mktemp("set_run")
+    recipe = write_recipe(folder / "tiny.toml", digits_dir)
     run_dir = folder / "run"
-    done = subprocess.run(
-        [sys.executable, "train_accelerate.py", str(recipe), "--set", "train.epochs=2", "--output-dir", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(str(recipe), "--set", "train.epochs=2", "--output-dir", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     return recipe, run_dir
 
@@ -142,8 +107,8 @@ def test_import_is_light() -> None:
 # collect
 
 
-def test_collect_writes_one_record_with_every_field(tiny_run, digits_dir, tmp_path) -> None:
-    recipe, run_dir = tiny_run
+def test_collect_writes_one_record_with_every_field(set_run, digits_dir, tmp_path) -> None:
+    recipe, run_dir = set_run
     done = run_results("collect", str(run_dir), "--out", str(tmp_path / "records"))
     assert done.returncode == 0, done.stderr
     [path] = (tmp_path / "records").glob("*.json")
@@ -185,9 +150,9 @@ def test_collect_writes_one_record_with_every_field(tiny_run, digits_dir, tmp_pa
     assert path.stat().st_mtime_ns == before
 
 
-def test_collect_prefers_env_recipe_file_and_overrides(tiny_run, tmp_path) -> None:
+def test_collect_prefers_env_recipe_file_and_overrides(set_run, tmp_path) -> None:
     """env.json's `recipe_file` / `overrides` (newer runs write them) win over parsing the command line."""
-    _, run_dir = tiny_run
+    _, run_dir = set_run
     copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
     env = json.loads((copy / "env.json").read_text())
     env.update(recipe_file=str(ROOT / "recipes" / "quickstart.toml"), overrides=["train.epochs=2", "optim.lr=0.2"])
@@ -202,8 +167,8 @@ def test_collect_prefers_env_recipe_file_and_overrides(tiny_run, tmp_path) -> No
     assert record["recipe"] is None and records.record_filename(record).startswith("python-api-seed0-")
 
 
-def test_collect_refuses_an_unfinished_run_and_writes_nothing(tiny_run, tmp_path) -> None:
-    _, run_dir = tiny_run
+def test_collect_refuses_an_unfinished_run_and_writes_nothing(set_run, tmp_path) -> None:
+    _, run_dir = set_run
     unfinished = shutil.copytree(run_dir, tmp_path / "unfinished")
     (unfinished / "final_metrics.json").unlink()
     out = tmp_path / "records"
@@ -259,8 +224,8 @@ def test_ours_cell_format() -> None:
     assert results.ours_cell(runs) == "7.20 (7.17 ± 0.15, 3 runs; best 6.60)"
 
 
-def test_a_record_fills_its_rows_and_only_those(tiny_run, tmp_path) -> None:
-    recipe, run_dir = tiny_run
+def test_a_record_fills_its_rows_and_only_those(set_run, tmp_path) -> None:
+    recipe, run_dir = set_run
     records.collect([run_dir], tmp_path)
     [record] = records.load_records(tmp_path)
     rendered = results.render(results.load_tables(tables_file(tmp_path / "t.toml", recipe)), [record])
@@ -282,8 +247,8 @@ def test_a_record_fills_its_rows_and_only_those(tiny_run, tmp_path) -> None:
     assert "No run of ours is recorded" in empty
 
 
-def test_a_record_matching_no_row_is_listed_not_dropped(tiny_run, tmp_path) -> None:
-    recipe, run_dir = tiny_run
+def test_a_record_matching_no_row_is_listed_not_dropped(set_run, tmp_path) -> None:
+    recipe, run_dir = set_run
     record = records.read_run(run_dir)
     other = tmp_path / "other.toml"
     shutil.copy(recipe, other)  # a row-less recipe path
@@ -296,8 +261,8 @@ def test_a_record_matching_no_row_is_listed_not_dropped(tiny_run, tmp_path) -> N
     assert row[1] == "`train.epochs=2`" and row[-1].endswith("(1 run; best " + f"{record['best_error']:.2f})")
 
 
-def test_rows_that_differ_in_process_count_match_records_by_it(tiny_run, tmp_path) -> None:
-    recipe, run_dir = tiny_run
+def test_rows_that_differ_in_process_count_match_records_by_it(set_run, tmp_path) -> None:
+    recipe, run_dir = set_run
     record = records.read_run(run_dir)
     path = tmp_path / "t.toml"
     path.write_text(
@@ -322,8 +287,8 @@ rows = [
     assert markdown_row(readme, "two")[-2].startswith("`accelerate launch --num_processes 2 train_accelerate.py")
 
 
-def test_check_reports_stale_documents_and_write_fixes_only_the_section(tiny_run, tmp_path) -> None:
-    recipe, run_dir = tiny_run
+def test_check_reports_stale_documents_and_write_fixes_only_the_section(set_run, tmp_path) -> None:
+    recipe, run_dir = set_run
     folder = tmp_path / "records"
     records.collect([run_dir], folder)
     tables = tables_file(tmp_path / "t.toml", recipe)

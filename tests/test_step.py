@@ -134,6 +134,7 @@ def test_stop_policy_counts_the_first_bad_step_for_the_loop_to_report():
     assert (summary["nonfinite"], summary["first_nonfinite"], summary["skipped"]) == (2, 2, 0)
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_the_eager_step():
     """The whole step (forward, loss, and through AOTAutograd the backward) goes through torch.compile; the
     cheap `aot_eager` backend checks the plumbing on a CPU (inductor's code generation is for the GPU check)."""

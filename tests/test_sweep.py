@@ -15,44 +15,18 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import write_recipe
 
 from cifar_train import records, results, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here runs the sweep command, which starts real training processes
 OVERRIDES = ["train.epochs=2"]
 
 
 def tiny_recipe(path: Path, dataset: Path) -> Path:
-    """ResNet-20 on 128 real digits, 3 epochs as written (the sweeps below --set 2)."""
-    path.write_text(
-        f"""[model]
-name = "resnet20"
-
-[data]
-dataset = "{dataset}"
-train_limit = 128
-
-[augment]
-crop_padding = 1
-hflip = false
-
-[optim]
-lr = 0.05
-
-[schedule]
-name = "cosine"
-
-[train]
-epochs = 3
-batch_size = 32
-val_batch_size = 128
-
-[log]
-progress = false
-""",
-        encoding="utf-8",
-    )
-    return path
+    """The standard tiny recipe (tests/helpers.py), 3 epochs as written (the sweeps below --set 2)."""
+    return write_recipe(path, dataset, train={"checkpoint_every": 10})
 
 
 def run_sweep(*args: str) -> subprocess.CompletedProcess:

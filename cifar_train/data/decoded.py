@@ -128,13 +128,18 @@ def _decode(rows: Any, split: str, image_column: str, label_column: str, *, skip
     }
 
 
-def _warn_skipped(split: str, entry: dict[str, Any]) -> None:
-    """Every run says which corrupt images were left out, also when the decoded data comes from the cache."""
+def _warn_skipped(split: str, entry: dict[str, Any], say: Say) -> None:
+    """Every run says which corrupt images were left out, also when the decoded data comes from the cache:
+    through `say` when the caller shows progress (the training loop), else as a Python warning."""
     rows, files = entry["skipped"], [file for file in entry["skipped_files"] if file]
     if rows:
         shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
         named = f"; files: {', '.join(files[:3])}{', ...' if len(files) > 3 else ''}" if files else ""
-        warnings.warn(f"skipped {len(rows)} corrupt image(s): split {split!r}, index {shown}{named}", stacklevel=3)
+        message = f"skipped {len(rows)} corrupt image(s): split {split!r}, index {shown}{named}"
+        if say is _silent:
+            warnings.warn(message, stacklevel=3)
+        else:
+            say(f"warning: {message}")
 
 
 def _statistics(entry: dict[str, Any], index: torch.Tensor | None) -> tuple[int, tuple, tuple]:
@@ -168,7 +173,7 @@ def load_split(
     entry, how = source.split(
         split, setting=setting, image_column=image_column, label_column=label_column, skip_corrupt=skip_corrupt, say=say
     )
-    _warn_skipped(split, entry)
+    _warn_skipped(split, entry, say)
     decoded = DecodedSplit(entry["images"], entry["labels"])
     info = _info(source.name, entry, None, {split: list(entry["skipped"])} if entry["skipped"] else {})
     say(_summary(source.name, split, entry, None, info.num_classes, how))
@@ -241,7 +246,7 @@ def load_splits(
     skipped = {}
     for name, entry in ((train_split, train), (val_split, val)):
         if entry is not None and entry["skipped"]:
-            _warn_skipped(name, entry)
+            _warn_skipped(name, entry, say)
             skipped[name] = list(entry["skipped"])
     if val is not None and val["images"].shape[1:] != train["images"].shape[1:]:
         raise UserError(

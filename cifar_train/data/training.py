@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cifar_train.errors import UserError
-from cifar_train.findings import Findings
+from cifar_train.schema import Findings
 
 if TYPE_CHECKING:  # (the modules themselves import torch: check_data must stay light)
     import torch
