@@ -7,6 +7,7 @@ written once and wired the same way for all of them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "CifarNet",
     "build_cifar_model",
     "cifar_cfg",
+    "conv_stem",
     "init_weights",
 ]
 
@@ -50,6 +52,16 @@ def cifar_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "license": "mit",
         **kwargs,
     }
+
+
+def conv_stem(in_chans: int, out_chs: int, *, norm: bool = False, act: bool = False) -> nn.Sequential:
+    """The CIFAR stem: a 3x3 stride-1 conv (`stem.conv`), optionally BatchNorm (`stem.bn`) and ReLU (`stem.act`)."""
+    layers = OrderedDict(conv=nn.Conv2d(in_chans, out_chs, kernel_size=3, stride=1, padding=1, bias=False))
+    if norm:
+        layers["bn"] = nn.BatchNorm2d(out_chs)
+    if act:
+        layers["act"] = nn.ReLU(inplace=True)
+    return nn.Sequential(layers)
 
 
 def init_weights(model: nn.Module, mode: str = "kaiming_fan_out") -> None:

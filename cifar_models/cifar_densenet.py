@@ -13,7 +13,6 @@ transitions (the paper's 0.2 without data augmentation) is `proj_drop_rate`, tim
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, conv_stem, init_weights
 
 __all__ = ["DenseBasicLayer", "DenseBottleneckLayer", "DenseNet", "DenseTransition", "densenet_stage_channels"]
 
@@ -146,9 +145,7 @@ class DenseNet(CifarNet):
         layer_cls = DenseBasicLayer if block_type == "basic" else DenseBottleneckLayer
         layers_per_stage = (stage_chs[0][1] - stage_chs[0][0]) // growth_rate
 
-        self.stem = nn.Sequential(
-            OrderedDict(conv=nn.Conv2d(in_chans, stage_chs[0][0], kernel_size=3, stride=1, padding=1, bias=False))
-        )
+        self.stem = conv_stem(in_chans, stage_chs[0][0])
         self.feature_info = [dict(num_chs=stage_chs[0][0], reduction=1, module="stem.conv")]
 
         stages = []

@@ -12,7 +12,6 @@ bottleneck with 4x expansion, with no ReLU before the first conv, as in the seed
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, conv_stem, init_weights
 
 __all__ = ["PyramidBasicBlock", "PyramidBottleneckBlock", "PyramidNet", "pyramidnet_widths"]
 
@@ -139,12 +138,7 @@ class PyramidNet(CifarNet):
         block_cls = PyramidBasicBlock if block_type == "basic" else PyramidBottleneckBlock
         blocks_per_stage = (len(widths) - 1) // 3
 
-        self.stem = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False),
-                bn=nn.BatchNorm2d(initial_channels),
-            )
-        )
+        self.stem = conv_stem(in_chans, initial_channels, norm=True)
         self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="stem.bn")]
 
         stages = []

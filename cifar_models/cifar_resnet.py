@@ -10,7 +10,6 @@ stages output 64 / 128 / 256 channels around bottlenecks of 16 / 32 / 64 (expans
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, conv_stem, init_weights
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
 
@@ -113,13 +112,7 @@ class ResNet(CifarNet):
         n_blocks = blocks_per_stage(depth, block_type)
         block = BasicBlock if block_type == "basic" else Bottleneck
 
-        self.stem = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False),
-                bn=nn.BatchNorm2d(initial_channels),
-                act=nn.ReLU(inplace=True),
-            )
-        )
+        self.stem = conv_stem(in_chans, initial_channels, norm=True, act=True)
         self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="stem.act")]
 
         in_chs, reduction, stages = initial_channels, 1, []

@@ -14,7 +14,6 @@ seed's: stage outputs 64 / 128 / 256 channels around bottlenecks of 16 / 32 / 64
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, SEModule
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, conv_stem, init_weights
 from .cifar_resnet import blocks_per_stage
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet"]
@@ -166,9 +165,7 @@ class PreActResNet(CifarNet):
             raise ValueError(f"preact_stage must be three booleans, one per stage; got {preact_stage!r}")
         block = PreActBasicBlock if block_type == "basic" else PreActBottleneck
 
-        self.stem = nn.Sequential(
-            OrderedDict(conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False))
-        )
+        self.stem = conv_stem(in_chans, initial_channels)
         self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="stem.conv")]
 
         in_chs, reduction, stages = initial_channels, 1, []

@@ -10,14 +10,13 @@ as `models/cifar/resnext.py` of hysts/pytorch_image_classification.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, conv_stem, init_weights
 
 __all__ = ["ResNeXt", "ResNeXtBottleneck"]
 
@@ -97,13 +96,7 @@ class ResNeXt(CifarNet):
             raise ValueError(f"ResNeXt depth must be 9 * n + 2 with n >= 1 (29, 38, ...); got {depth}")
         blocks_per_stage = (depth - 2) // 9
 
-        self.stem = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False),
-                bn=nn.BatchNorm2d(initial_channels),
-                act=nn.ReLU(inplace=True),
-            )
-        )
+        self.stem = conv_stem(in_chans, initial_channels, norm=True, act=True)
         self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="stem.act")]
 
         stages = []

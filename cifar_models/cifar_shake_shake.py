@@ -11,7 +11,6 @@ Same layers, order and initialisation as `models/cifar/shake_shake.py` of
 hysts/pytorch_image_classification (16-channel stem, widths initial_channels * (1, 2, 4)).
 """
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, conv_stem, init_weights
 
 __all__ = [
     "ShakeShakeBlock",
@@ -176,12 +175,7 @@ class ShakeShakeResNet(CifarNet):
             raise ValueError(f"shake-shake depth must be 6 * n + 2 with n >= 1 (26, 32, ...); got {depth}")
         blocks_per_stage = (depth - 2) // 6
 
-        self.stem = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(in_chans, stem_channels, kernel_size=3, stride=1, padding=1, bias=False),
-                bn=nn.BatchNorm2d(stem_channels),
-            )
-        )
+        self.stem = conv_stem(in_chans, stem_channels, norm=True)
         self.feature_info = [dict(num_chs=stem_channels, reduction=1, module="stem.bn")]
 
         stages = []

@@ -10,7 +10,6 @@ the convs start from Kaiming fan-in initialisation, as in the seed project `hyst
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import CifarNet, build_cifar_model, cifar_cfg, init_weights
+from ._builder import CifarNet, build_cifar_model, cifar_cfg, conv_stem, init_weights
 
 __all__ = ["WideBasicBlock", "WideResNet"]
 
@@ -88,9 +87,7 @@ class WideResNet(CifarNet):
         blocks_per_stage = (depth - 4) // 6
 
         widths = [initial_channels * widen_factor * 2**i for i in range(3)]
-        self.stem = nn.Sequential(
-            OrderedDict(conv=nn.Conv2d(in_chans, initial_channels, kernel_size=3, stride=1, padding=1, bias=False))
-        )
+        self.stem = conv_stem(in_chans, initial_channels)
         self.feature_info = [dict(num_chs=initial_channels, reduction=1, module="stem.conv")]
 
         stages = []
