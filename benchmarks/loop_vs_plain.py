@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import cifar_models  # noqa: F401
 from cifar_train.data import load_dataset_splits
 from cifar_train.loop import train
-from cifar_train.recipe import Recipe
+from cifar_train.schema import Recipe
 
 
 def plain_loop(train_x, train_y, val_x, val_y, mean, std, *, epochs: int, batch_size: int, seed: int) -> dict:

@@ -8,7 +8,8 @@ The command-line tools are thin layers over these functions, so a notebook can d
 """
 
 from .errors import UserError
-from .recipe import Recipe, load_recipe
+from .recipe import load_recipe
+from .schema import Recipe
 
 __all__ = [
     "Recipe",

@@ -18,13 +18,14 @@ Papers:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
 from .errors import UserError
-from .schema import Findings, check_fields
+from .schema import Findings, checked_section
 
 __all__ = ["BatchAugment", "check_augment", "normalize", "ricap", "soft_targets"]
 
@@ -200,49 +201,28 @@ def ricap(
     return out, targets
 
 
-def check_augment(
-    *,
-    random_crop: bool = True,
-    crop_padding: int = 4,
-    crop_padding_mode: str = "constant",
-    hflip: bool = True,
-    cutout: int = 0,
-    cutout_prob: float = 1.0,
-    cutout_inside: bool = False,
-    random_erasing: bool = False,
-    random_erasing_prob: float = 0.5,
-    random_erasing_area: tuple[float, float] = (0.02, 0.4),
-    random_erasing_min_aspect: float = 0.3,
-    random_erasing_max_attempts: int = 20,
-    mix: str = "none",
-    mixup_alpha: float = 1.0,
-    cutmix_alpha: float = 1.0,
-    ricap_beta: float = 0.3,
-    dual_cutout_alpha: float = 0.0,
-    label_smoothing: float = 0.0,
-) -> Findings:
-    """The augmentation's rules (types and ranges come from the schema): raises UserError on a contradiction,
-    returns the settings that have no effect with the chosen options."""
-    settings = dict(locals())
-    check_fields("augment", settings)
-    if dual_cutout_alpha > 0 and mix != "none":
+def check_augment(**settings: Any) -> Findings:
+    """The augmentation's rules for `[augment]` settings (missing ones at the schema's defaults; types and ranges
+    come from the schema): raises UserError on a contradiction, returns the settings that have no effect."""
+    a = checked_section("augment", settings)
+    if a.dual_cutout_alpha > 0 and a.mix != "none":
         raise UserError(
-            f"augment.dual_cutout_alpha = {dual_cutout_alpha} (Dual-Cutout) cannot be combined with "
-            f"augment.mix = {mix!r}; set one of them off"
+            f"augment.dual_cutout_alpha = {a.dual_cutout_alpha} (Dual-Cutout) cannot be combined with "
+            f"augment.mix = {a.mix!r}; set one of them off"
         )
-    if dual_cutout_alpha > 0 and cutout == 0:
+    if a.dual_cutout_alpha > 0 and a.cutout == 0:
         raise UserError("augment.dual_cutout_alpha > 0 (Dual-Cutout) needs a Cutout size: set augment.cutout, e.g. 16")
-    low, high = random_erasing_area
+    low, high = a.random_erasing_area
     if not 0.0 < low <= high <= 1.0:
         raise UserError(f"augment.random_erasing_area = [{low}, {high}] must be [min, max] with 0 < min <= max <= 1")
     found = Findings()
-    if not random_crop:
+    if not a.random_crop:
         for key in ("crop_padding", "crop_padding_mode"):
             found.ignored[f"augment.{key}"] = "augment.random_crop = false"
-    if cutout == 0:
+    if a.cutout == 0:
         for key in ("cutout_prob", "cutout_inside"):
             found.ignored[f"augment.{key}"] = "augment.cutout = 0"
-    if not random_erasing:
+    if not a.random_erasing:
         for key in (
             "random_erasing_prob",
             "random_erasing_area",
@@ -251,8 +231,8 @@ def check_augment(
         ):
             found.ignored[f"augment.{key}"] = "augment.random_erasing = false"
     for key, owner in (("mixup_alpha", "mixup"), ("cutmix_alpha", "cutmix"), ("ricap_beta", "ricap")):
-        if mix != owner:
-            found.ignored[f"augment.{key}"] = f"augment.mix = {mix!r}"
+        if a.mix != owner:
+            found.ignored[f"augment.{key}"] = f"augment.mix = {a.mix!r}"
     return found
 
 

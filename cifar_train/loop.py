@@ -35,8 +35,9 @@ from .data import open_training_data
 from .errors import Interrupted, NonFiniteLoss, UserError
 from .losses import classification_sums
 from .progress import EpochProgress, print_summary
-from .recipe import Recipe, flatten_recipe, recipe_to_toml, section_kwargs
+from .recipe import flatten_recipe, recipe_to_toml
 from .rundir import RunDirectory, collect_env, resumed_recipe
+from .schema import Recipe, section_kwargs
 from .step import TrainStep
 
 __all__ = ["train", "train_one_epoch", "validate"]

@@ -24,7 +24,7 @@ from timm.layers import evo_norm, filter_response_norm, norm, norm_act
 from torch import nn
 
 from cifar_train.errors import UserError, did_you_mean
-from cifar_train.schema import Findings, check_fields
+from cifar_train.schema import Findings, checked_section
 
 __all__ = [
     "LARS",
@@ -270,26 +270,14 @@ def check_optimizer(name: str) -> None:
         )
 
 
-def check_optim(
-    *,
-    name: str = "sgd",
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    weight_decay: float = 1e-4,
-    no_weight_decay_on_bn: bool = False,
-    betas: tuple[float, float] = (0.9, 0.999),
-    lars_eps: float = 1e-9,
-    lars_thresh: float = 1e-2,
-    adabound_final_lr: float = 0.1,
-    adabound_gamma: float = 1e-3,
-) -> Findings:
-    """The optimizer section's rules (ranges come from the schema; the name is checked by `check_optimizer`)."""
-    check_fields("optim", dict(locals()))
-    for index, beta in enumerate(betas):
+def check_optim(**settings: Any) -> Findings:
+    """The `[optim]` rules (missing settings at the schema's defaults; ranges come from the schema; the name is
+    checked by `check_optimizer`, in the order a user fixes things): returns the settings with no effect."""
+    o = checked_section("optim", settings)
+    for index, beta in enumerate(o.betas):
         if not 0.0 <= beta < 1.0:
-            raise UserError(f"optim.betas = [{betas[0]}, {betas[1]}]: beta {index + 1} must be in [0, 1)")
-    if nesterov and momentum == 0 and name == "sgd":
+            raise UserError(f"optim.betas = [{o.betas[0]}, {o.betas[1]}]: beta {index + 1} must be in [0, 1)")
+    if o.nesterov and o.momentum == 0 and o.name == "sgd":
         raise UserError("optim.nesterov = true needs optim.momentum > 0")
     found = Findings()
     uses = {
@@ -301,10 +289,10 @@ def check_optim(
         "adabound_final_lr": ("adabound", "adaboundw"),
         "adabound_gamma": ("adabound", "adaboundw"),
     }
-    if name in OWN_OPTIMIZER_NAMES:  # timm's optimizers take what they take
+    if o.name in OWN_OPTIMIZER_NAMES:  # timm's optimizers take what they take
         for key, users in uses.items():
-            if name not in users:
-                found.ignored[f"optim.{key}"] = f"optim.name = {name!r} does not use it"
+            if o.name not in users:
+                found.ignored[f"optim.{key}"] = f"optim.name = {o.name!r} does not use it"
     return found
 
 
@@ -338,6 +326,9 @@ def create_optimizer(
     other name goes to `timm.optim.create_optimizer_v2` with lr, weight_decay, momentum and betas where that
     optimizer takes them. Build it after moving the model to its device. Bad values raise UserError.
     """
+    settings = dict(locals())
+    del settings["model"]
+    check_optim(**settings)
     check_optimizer(name)
     groups = param_groups(model, weight_decay=weight_decay, no_weight_decay_on_bn=no_weight_decay_on_bn)
     betas = tuple(betas)

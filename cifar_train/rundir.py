@@ -26,7 +26,8 @@ from typing import Any
 
 from .atomic import write_json_atomic, write_text_atomic
 from .errors import UserError
-from .recipe import Recipe, load_recipe, recipe_to_dict
+from .recipe import load_recipe, recipe_to_dict
+from .schema import Recipe
 
 __all__ = ["METRICS_FILE", "RunDirectory", "RunLock", "collect_env", "lock_holder", "read_metrics", "resumed_recipe"]
 

@@ -28,11 +28,12 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .errors import UserError
-from .schema import Findings, check_fields
+from .schema import Findings, check_fields, checked_section
 
 __all__ = ["ScheduleCurve", "check_schedule", "create_scheduler", "schedule_curve"]
 
@@ -45,37 +46,12 @@ def _sgdr_periods(t0: int, t_mul: float, epochs: int) -> list[int]:
     return periods
 
 
-def check_schedule(
-    *,
-    epochs: int,
-    name: str = "multistep",
-    milestones: Sequence[int] = (80, 120),
-    decay: float = 0.1,
-    min_factor: float = 1e-3,
-    sgdr_t0: int = 10,
-    sgdr_t_mul: float = 1.0,
-    warmup: str = "none",
-    warmup_epochs: int = 0,
-    warmup_start_factor: float = 1e-3,
-    warmup_exponent: float = 4.0,
-) -> Findings:
-    """The schedule's rules: raises UserError on a contradiction; reports ignored settings and warnings."""
+def check_schedule(*, epochs: int, **settings: Any) -> Findings:
+    """The `[schedule]` rules for a run of `epochs` (missing settings at the schema's defaults; ranges come from
+    the schema): raises UserError on a contradiction; reports ignored settings and warnings."""
     check_fields("train", {"epochs": epochs})
-    check_fields(
-        "schedule",
-        dict(
-            name=name,
-            milestones=milestones,
-            decay=decay,
-            min_factor=min_factor,
-            sgdr_t0=sgdr_t0,
-            sgdr_t_mul=sgdr_t_mul,
-            warmup=warmup,
-            warmup_epochs=warmup_epochs,
-            warmup_start_factor=warmup_start_factor,
-            warmup_exponent=warmup_exponent,
-        ),
-    )
+    s = checked_section("schedule", settings)
+    name, milestones, warmup, warmup_epochs = s.name, s.milestones, s.warmup, s.warmup_epochs
     found = Findings()
     if name == "multistep":
         ms = list(milestones)
@@ -112,7 +88,7 @@ def check_schedule(
                 f"{where}: the lr will not drop there; set schedule.milestones to change that"
             )
     elif name == "sgdr":
-        periods = _sgdr_periods(sgdr_t0, sgdr_t_mul, main_epochs)
+        periods = _sgdr_periods(s.sgdr_t0, s.sgdr_t_mul, main_epochs)
         if sum(periods) != main_epochs:
             start = sum(periods[:-1])
             found.warnings.append(
@@ -186,19 +162,9 @@ def schedule_curve(
     """
     if steps_per_epoch < 1:
         raise UserError(f"steps_per_epoch = {steps_per_epoch} must be >= 1")
-    check_schedule(
-        epochs=epochs,
-        name=name,
-        milestones=milestones,
-        decay=decay,
-        min_factor=min_factor,
-        sgdr_t0=sgdr_t0,
-        sgdr_t_mul=sgdr_t_mul,
-        warmup=warmup,
-        warmup_epochs=warmup_epochs,
-        warmup_start_factor=warmup_start_factor,
-        warmup_exponent=warmup_exponent,
-    )
+    settings = dict(locals())
+    del settings["steps_per_epoch"]
+    check_schedule(**settings)
     has_warmup = warmup != "none" and warmup_epochs > 0
     warmup_epochs = warmup_epochs if has_warmup else 0
     main_epochs = max(epochs - warmup_epochs, 0)

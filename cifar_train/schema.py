@@ -41,6 +41,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "check_fields",
+    "checked_section",
     "section_kwargs",
     "toml_value",
 ]
@@ -280,6 +281,12 @@ def _check_range(key: str, meta: Mapping[str, Any], value: Any) -> None:
             raise UserError(f"{key} = {value!r} is out of range; it must be {word} {bound}")
 
 
+def checked_section(section: str, values: Mapping[str, Any]) -> Any:
+    """`values` as the schema's section (e.g. `AugmentConfig`), checked by `check_fields`, missing keys at their
+    defaults: the components' rule checks take their settings this way, so no default is written twice."""
+    return SECTIONS[section](**check_fields(section, values))
+
+
 def check_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Check `values` (some or all keys of one section) against the schema: names, types, ranges, choices.
 
@@ -314,7 +321,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        items = ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

@@ -214,19 +214,23 @@ def test_unknown_optimizer_names_ours_and_points_at_timm():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(name="sgd", lr=-0.1), "Invalid learning rate: -0.1"),
-        (dict(name="lars", lr=-1.0), "Invalid learning rate: -1.0"),
-        (dict(name="lars", lr=0.1, weight_decay=-1e-4), "Invalid weight_decay value: -0.0001"),
-        (dict(name="adabound", lr=0.1, adabound_gamma=1.5), "Invalid gamma parameter: 1.5"),
-        (dict(name="adaboundw", lr=0.1, betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
-        (dict(name="lamb", lr=-0.1), "Invalid learning rate: -0.1"),
-        (dict(name="sgd", lr=0.1, momentum=0.0, nesterov=True), "Nesterov momentum requires a momentum"),
+        (dict(name="sgd", lr=-0.1), "optim.lr = -0.1 is out of range; it must be > 0"),
+        (dict(name="lars", lr=-1.0), "optim.lr = -1.0 is out of range"),
+        (
+            dict(name="lars", lr=0.1, weight_decay=-1e-4),
+            "optim.weight_decay = -0.0001 is out of range; it must be >= 0",
+        ),
+        (dict(name="adabound", lr=0.1, adabound_gamma=1.5), "optimizer 'adabound': Invalid gamma parameter: 1.5"),
+        (dict(name="adaboundw", lr=0.1, betas=(0.9, 1.0)), "optim.betas = [0.9, 1.0]: beta 2 must be in [0, 1)"),
+        (dict(name="lamb", lr=-0.1), "optim.lr = -0.1 is out of range"),
+        (dict(name="sgd", lr=0.1, momentum=0.0, nesterov=True), "optim.nesterov = true needs optim.momentum > 0"),
     ],
 )
 def test_bad_values_raise_user_error_naming_them(kwargs, message):
+    """The recipe's checks and the optimizers' own: the same messages whichever way the optimizer is built."""
     with pytest.raises(UserError) as err:
         create_optimizer(TinyNet(), **kwargs)
-    assert f"optimizer {kwargs['name']!r}: " in str(err.value) and message in str(err.value)
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ import timm
 import torch
 
 import cifar_models  # noqa: F401  (registers the CIFAR architectures in timm)
-from cifar_train.recipe import SECTIONS, Recipe, load_recipe
+from cifar_train.recipe import load_recipe
+from cifar_train.schema import SECTIONS, Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cifar_train.errors import UserError
-from cifar_train.recipe import SCHEDULES, WARMUPS
 from cifar_train.schedule import check_schedule, create_scheduler, schedule_curve
+from cifar_train.schema import SCHEDULES, WARMUPS
 
 
 def lr_factor(step: int, **cfg) -> float:
