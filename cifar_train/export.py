@@ -122,6 +122,27 @@ _RESULT_ROWS = (
 )
 
 
+def _front_matter(model_name: str, dataset: str) -> list[str]:
+    """The Hub's YAML header: library, task, tags, the dataset when it is a Hub id."""
+    front = ["---", "library_name: timm", "pipeline_tag: image-classification", "tags:", "- image-classification"]
+    front += ["- timm", "- cifar-recipes", f"- {_yaml_str(model_name)}"]
+    if not Path(dataset).expanduser().exists() and dataset.count("/") == 1:  # a Hub id, not a local folder
+        front += ["datasets:", f"- {_yaml_str(dataset)}"]
+    return [*front, "metrics:", "- accuracy", "---", ""]
+
+
+def _results_table(results: Mapping[str, Any]) -> list[str]:
+    """The known results in `_RESULT_ROWS` order, then any other key as it is."""
+    rows, shown = [], set()
+    for key, label, fmt in _RESULT_ROWS:
+        if key in results:
+            value = results[key]
+            rows.append(f"| {label} | {_fmt_seconds(value) if fmt is None else fmt.format(value)} |")
+            shown.add(key)
+    rows += [f"| {key} | {value} |" for key, value in results.items() if key not in shown]
+    return ["| | |", "|---|---|", *rows] if rows else ["No results were recorded."]
+
+
 def write_model_card(
     run_dir: Path,
     *,
@@ -138,35 +159,10 @@ def write_model_card(
     Known `results` keys are listed in `_RESULT_ROWS`; any other key is shown as is after them.
     """
     run_dir = Path(run_dir)
-    is_hub_dataset = not Path(dataset).expanduser().exists() and dataset.count("/") == 1
-    front = [
-        "---",
-        "library_name: timm",
-        "pipeline_tag: image-classification",
-        "tags:",
-        "- image-classification",
-        "- timm",
-        "- cifar-recipes",
-        f"- {_yaml_str(model_name)}",
-    ]
-    if is_hub_dataset:
-        front += ["datasets:", f"- {_yaml_str(dataset)}"]
-    front += ["metrics:", "- accuracy", "---", ""]
-
-    rows = []
-    shown = set()
-    for key, label, fmt in _RESULT_ROWS:
-        if key in results:
-            value = results[key]
-            rows.append(f"| {label} | {_fmt_seconds(value) if fmt is None else fmt.format(value)} |")
-            shown.add(key)
-    rows += [f"| {key} | {value} |" for key, value in results.items() if key not in shown]
-    results_table = ["| | |", "|---|---|", *rows] if rows else ["No results were recorded."]
-
     env_lines = [f"- {key}: `{value}`" for key, value in env.items() if value not in (None, "", [])]
     run_name = run_dir.name
     card = [
-        *front,
+        *_front_matter(model_name, dataset),
         f"# {run_name}: {model_name} trained on {dataset}",
         "",
         f"An image classifier (`{model_name}`, {num_params:,} parameters) trained with "
@@ -194,7 +190,7 @@ def write_model_card(
         "",
         "## Results",
         "",
-        *results_table,
+        *_results_table(results),
         "",
         "## Recipe",
         "",
