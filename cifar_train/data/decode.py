@@ -17,6 +17,7 @@ import contextlib
 import io
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -130,21 +131,41 @@ def _decoded_chunks(
     count: int, read: Callable[[int, int], list[Record]], target: tuple, workers: int, *, stop_early: bool
 ) -> Iterator[tuple[int, tuple]]:
     """`(start, decode_chunk result)` for every chunk, as they finish. With `stop_early`, no chunk is started
-    after one reported a failure (every earlier chunk still finishes, so the first failure is found)."""
-    starts = iter(range(0, count, CHUNK_IMAGES))
-    if workers == 0:
-        for start in starts:
-            result = decode_chunk(read(start, min(count, start + CHUNK_IMAGES)), start, target)
-            yield start, result
-            if stop_early and result[4]:
-                return
-        return
+    after one reported a failure (every earlier chunk still finishes, so the first failure is found).
+
+    Worker processes re-import the caller's main script; one without an `if __name__ == "__main__":` guard
+    kills them at start. Then the chunks not yet decoded are decoded in this process instead."""
+    starts = list(range(0, count, CHUNK_IMAGES))
+    done: set[int] = set()
+    if workers:
+        try:
+            for start, result in _pool_chunks(starts, count, read, target, workers, stop_early=stop_early):
+                done.add(start)
+                yield start, result
+                if stop_early and result[4]:
+                    return
+            return
+        except concurrent.futures.process.BrokenProcessPool:
+            pass  # decode the rest here
+    for start in starts:
+        if start in done:
+            continue
+        result = decode_chunk(read(start, min(count, start + CHUNK_IMAGES)), start, target)
+        yield start, result
+        if stop_early and result[4]:
+            return
+
+
+def _pool_chunks(
+    starts: list[int], count: int, read: Callable, target: tuple, workers: int, *, stop_early: bool
+) -> Iterator[tuple[int, tuple]]:
+    pending = iter(starts)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
         running: dict[concurrent.futures.Future, int] = {}
         failed = False
 
         def submit_next() -> None:
-            start = next(starts, None)
+            start = next(pending, None)
             if start is not None and not failed:
                 records = read(start, min(count, start + CHUNK_IMAGES))
                 running[pool.submit(decode_chunk, records, start, target)] = start
@@ -152,8 +173,8 @@ def _decoded_chunks(
         for _ in range(2 * workers):
             submit_next()
         while running:
-            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
                 result = future.result()
                 failed = failed or (stop_early and bool(result[4]))
                 yield running.pop(future), result
@@ -198,7 +219,14 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _worker_count() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on; 0 (decode in this process) where worker processes cannot start.
+
+    Forkserver and spawn workers re-import the caller's main script by its path; a script read from stdin
+    (`python - < script.py`) has none, and every worker would die at start.
+    """
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        return 0
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
