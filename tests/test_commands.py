@@ -20,7 +20,7 @@ from cifar_train.recipe import load_recipe
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMAND = re.compile(r"((?:accelerate launch|torchrun|python)[^`\n|#]*?train_accelerate\.py[^`\n|#]*)")
+COMMAND = re.compile(r"((?:accelerate launch|torchrun|python)[^`\n|#\"]*?train_accelerate\.py[^`\n|#\"]*)")
 LAUNCHER_OPTIONS_WITH_VALUES = {"--num_processes", "--nproc_per_node", "--num_machines", "--machine_rank",
                                 "--main_process_ip", "--main_process_port", "--nnodes", "--node_rank",
                                 "--master_addr", "--master_port", "--rdzv_endpoint", "--rdzv_backend"}  # fmt: skip
@@ -34,7 +34,8 @@ def documented_commands() -> list[tuple[str, str]]:
     """(where, command) for every train_accelerate.py command written in the README and docs."""
     found = []
     for document in DOCUMENTS:
-        for number, line in enumerate(document.read_text(encoding="utf-8").splitlines(), start=1):
+        text = document.read_text(encoding="utf-8").replace("\\\n", " ")  # shell line continuations
+        for number, line in enumerate(text.splitlines(), start=1):
             for match in COMMAND.finditer(line):
                 found.append((f"{_rel(document)}:{number}", match.group(1).strip()))
     return found

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, Features, Image
+from helpers import write_parquet_dataset
 
 import cifar_models  # noqa: F401  (registers resnet20)
 from cifar_train.cli import evaluate_main as main
@@ -91,18 +91,13 @@ def test_flip_tta_is_invariant_on_symmetric_input_and_averages_softmax():
 # A real run directory on a tiny parquet dataset
 
 
-def _write_dataset(root, sizes=(("train", 24), ("test", 18)), channels=3):
-    rng = np.random.default_rng(0)
+def _write_dataset(root, splits=None, channels=3):
+    """A tiny 32x32 parquet dataset in the Hub's layout (tests/helpers.py), three classes."""
     data_dir = root / "data"
-    (data_dir / "plain_text").mkdir(parents=True)
-    for split, count in sizes:
-        shape = (32, 32, channels) if channels == 3 else (32, 32)
-        images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
-        labels = [int(k) for k in rng.integers(0, len(CLASSES), count)]
-        features = Features({"img": Image(), "label": ClassLabel(names=CLASSES)})
-        Dataset.from_dict({"img": images, "label": labels}, features=features).to_parquet(
-            str(data_dir / "plain_text" / f"{split}-00000-of-00001.parquet")
-        )
+    write_parquet_dataset(
+        data_dir, splits=splits or {"train": 24, "test": 18}, channels=channels, size=32, classes=tuple(CLASSES),
+        subfolder="plain_text",
+    )  # fmt: skip
     return data_dir
 
 
@@ -218,6 +213,6 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, capsys, monkeypatch, args, 
 
 def test_grayscale_data_for_an_rgb_model_is_refused(run, tmp_path):
     run_dir, _, _ = run
-    gray = _write_dataset(tmp_path, sizes=(("train", 4), ("test", 4)), channels=1)
+    gray = _write_dataset(tmp_path, splits={"train": 4, "test": 4}, channels=1)
     with pytest.raises(UserError, match="1-channel images but the model takes 3"):
         evaluate(str(run_dir), dataset=str(gray), device="cpu")

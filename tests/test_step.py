@@ -212,3 +212,31 @@ def test_the_hot_loop_reads_the_device_only_at_its_periodic_reads(tmp_path, digi
     cifar_train.loop.train(load_recipe(recipe), tmp_path / "run", log=lambda message: None)
     expected = TINY_STEPS_PER_EPOCH // every_steps + 1  # periodic read groups + the end of the epoch
     assert [sum(reads.values()) for reads in per_epoch] == [expected, expected], per_epoch
+
+
+@pytest.mark.parametrize("batch_size", [7, 50, 64])  # padded last batches of 6 and 14 rows, and one exact batch
+def test_validation_over_padded_batches_equals_the_plain_computation(batch_size):
+    """Fixed-size batches (no recompilation under torch.compile) change nothing: top-1 and top-5 are the same
+    counts, the loss the same sum, as one plain pass over the split."""
+    from cifar_train.augment import normalize
+    from cifar_train.data import DecodedSplit, MemoryEvalBatches
+    from cifar_train.loop import validate
+
+    generator = torch.Generator().manual_seed(0)
+    split = DecodedSplit(
+        torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 10, (50,), generator=generator),
+    )
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    model, _ = _twins()
+    model.eval()
+    accelerator = Accelerator(cpu=True)
+    batches = MemoryEvalBatches(split, mean=mean, std=std, batch_size=batch_size)
+    got = validate(accelerator, model, batches, channels_last=False)
+    with torch.no_grad():
+        logits = model(normalize(split.images, mean, std))
+    losses = torch.nn.functional.cross_entropy(logits, split.labels, reduction="none").double()
+    top5 = (logits.topk(5, dim=1).indices == split.labels[:, None]).any(dim=1)
+    assert got["val_acc1"] == 100.0 * (logits.argmax(dim=1) == split.labels).sum().item() / 50
+    assert got["val_acc5"] == 100.0 * top5.sum().item() / 50
+    assert got["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-6)
