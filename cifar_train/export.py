@@ -117,9 +117,18 @@ _RESULT_ROWS = (
     ("best_val_acc1", "best validation top-1 (%)", "{:.2f}"),
     ("best_epoch", "epoch of best top-1", "{:.0f}"),
     ("epochs", "epochs trained", "{:.0f}"),
+    ("epoch", "epochs trained", "{:.0f}"),
+    ("step", "optimizer steps", "{:.0f}"),
+    ("train_loss", "last epoch's training loss", "{:.4f}"),
+    ("train_acc1", "last epoch's training top-1 (%)", "{:.2f}"),
     ("train_seconds", "training time", None),
+    ("elapsed_seconds", "training time", None),
     ("images_per_second", "training throughput (images/s)", "{:.0f}"),
 )
+
+
+def _fmt_other(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _front_matter(model_name: str, dataset: str) -> list[str]:
@@ -139,7 +148,7 @@ def _results_table(results: Mapping[str, Any]) -> list[str]:
             value = results[key]
             rows.append(f"| {label} | {_fmt_seconds(value) if fmt is None else fmt.format(value)} |")
             shown.add(key)
-    rows += [f"| {key} | {value} |" for key, value in results.items() if key not in shown]
+    rows += [f"| {key} | {_fmt_other(value)} |" for key, value in results.items() if key not in shown]
     return ["| | |", "|---|---|", *rows] if rows else ["No results were recorded."]
 
 
