@@ -4,7 +4,8 @@
 
 A record holds the recipe path and `--set` overrides the run was started with, the sha256 of its resolved
 `recipe.toml`, the seed, last-epoch and best top-1, epochs, wall time, images/s, hardware, library versions and
-git commit; the weights stay in the run directory (the record says where, and how to rebuild them). It reads
+git commit; the weights stay in the run directory (the record says where, and how to rebuild them), or, with
+`--with-weights` and under 2 MiB, are copied next to the records. It reads
 only the run-directory contract (recipe.toml, env.json, metrics.jsonl, final_metrics.json, model.safetensors)
 and imports no torch.
 """
@@ -14,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text_atomic
+from .atomic import write_atomic, write_text_atomic
 from .errors import UserError
 from .recipe import parse_overrides
 from .rundir import read_metrics
@@ -223,19 +225,63 @@ def write_json_if_changed(path: Path, data: Any) -> bool:
     return True
 
 
-def collect(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike = RESULTS_DIR) -> list[tuple[Path, bool]]:
+def collect(
+    run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike = RESULTS_DIR, *, with_weights: bool = False
+) -> list[tuple[Path, bool]]:
     """Record every run directory into `out`; all are read (and refused) before anything is written.
 
-    Returns (record path, changed) pairs; a run collected before gives the same file, rewritten only if changed.
+    `with_weights` also copies each run's weights, timm config and model card to `out/weights/<record name>/`
+    (a folder `timm.create_model('local-dir:...')` loads), for weights small enough to commit
+    (`MAX_COMMITTED_WEIGHTS` bytes). Returns (record path, changed) pairs; a run collected before gives the same
+    file, rewritten only if changed.
     """
     if not run_dirs:
         raise UserError("give at least one run directory to collect")
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
     records = [read_run(run_dir) for run_dir in run_dirs]
+    if with_weights:
+        for run_dir in run_dirs:
+            _check_committable(run_dir)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give the results folder (e.g. results/)")
     out.mkdir(parents=True, exist_ok=True)
-    return [(out / record_filename(r), write_json_if_changed(out / record_filename(r), r)) for r in records]
+    written = []
+    for run_dir, record in zip(run_dirs, records, strict=True):
+        path = out / record_filename(record)
+        if with_weights:
+            record["weights"] = _copy_weights(run_dir, out / "weights" / path.stem)
+        written.append((path, write_json_if_changed(path, record)))
+    return written
+
+
+MAX_COMMITTED_WEIGHTS = 2 * 1024 * 1024  # bytes: larger weights belong on the Hub (python -m cifar_train.push)
+WEIGHT_FILES = ("model.safetensors", "config.json", "README.md")  # what local-dir: loading and a reader need
+
+
+def _check_committable(run_dir: Path) -> None:
+    missing = [name for name in WEIGHT_FILES if not (run_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{str(run_dir)!r} has no {', '.join(missing)}: --with-weights needs a finished run's export")
+    size = (run_dir / "model.safetensors").stat().st_size
+    if size > MAX_COMMITTED_WEIGHTS:
+        raise UserError(
+            f"{str(run_dir / 'model.safetensors')!r} is {size / 2**20:.1f} MiB, more than the "
+            f"{MAX_COMMITTED_WEIGHTS / 2**20:.0f} MiB --with-weights copies into the repository; collect it without "
+            f"--with-weights and share the weights on the Hub: python -m cifar_train.push {run_dir} <user>/<name>"
+        )
+
+
+def _copy_weights(run_dir: Path, folder: Path) -> str:
+    """Copy the export into `folder` (atomically per file); the record's `weights` line naming it."""
+    for name in WEIGHT_FILES:
+        write_atomic(folder / name, lambda temporary, source=run_dir / name: shutil.copyfile(source, temporary))
+    try:
+        shown = folder.resolve().relative_to(ROOT).as_posix()
+    except ValueError:  # a records folder outside this checkout
+        shown = str(folder)
+    load = f"timm.create_model('local-dir:{shown}', pretrained=True)"
+    return f"Committed in {shown}/: {load} after `import cifar_models`."
 
 
 # what rendering reads from a record

@@ -350,7 +350,7 @@ def _table_command(args: argparse.Namespace) -> int:
 
 
 def _collect_command(args: argparse.Namespace) -> int:
-    for path, changed in collect(args.run_dirs, args.out):
+    for path, changed in collect(args.run_dirs, args.out, with_weights=args.with_weights):
         print(f"{'wrote' if changed else 'unchanged'} {path}")
     return 0
 
@@ -362,6 +362,11 @@ def _parser() -> argparse.ArgumentParser:
     collect_parser = commands.add_parser("collect", help="turn finished run directories into JSON records")
     collect_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
     collect_parser.add_argument("--out", default=str(RESULTS_DIR), help="records folder (default: results/)")
+    collect_parser.add_argument(
+        "--with-weights",
+        action="store_true",
+        help="also copy each run's weights, config and model card to <out>/weights/ (at most 2 MiB of weights)",
+    )
     collect_parser.set_defaults(run=_collect_command)
     table = commands.add_parser("table", help="render the results tables from the records")
     mode = table.add_mutually_exclusive_group()

@@ -186,6 +186,33 @@ def test_collect_refuses_an_unfinished_run_and_writes_nothing(set_run, tmp_path)
     assert done.returncode == 2 and "metrics.jsonl" in done.stderr and "final_metrics.json" in done.stderr
 
 
+def test_collect_with_weights_copies_a_loadable_export_and_refuses_large_weights(set_run, tmp_path, monkeypatch):
+    import timm
+    import torch
+
+    import cifar_models  # noqa: F401  (registers the CIFAR architectures in timm)
+
+    _, run_dir = set_run
+    out = tmp_path / "records"
+    done = run_results("collect", str(run_dir), "--out", str(out), "--with-weights")
+    assert done.returncode == 0, done.stderr
+    [path] = out.glob("*.json")
+    folder = out / "weights" / path.stem
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    record = json.loads(path.read_text())
+    assert record["weights"].startswith(f"Committed in {folder}/") and f"local-dir:{folder}" in record["weights"]
+    assert record["weights_sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    original = timm.create_model(f"local-dir:{run_dir}", pretrained=True)
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+    monkeypatch.setattr(records, "MAX_COMMITTED_WEIGHTS", 1000)
+    with pytest.raises(records.UserError, match=r"MiB, more than the .* cifar_train.push"):
+        records.collect([run_dir], tmp_path / "other", with_weights=True)
+    assert not (tmp_path / "other").exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize(
     "command,expected",
     [
