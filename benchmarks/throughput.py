@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for each pipeline")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per pipeline (best of 5 rounds), s")
     parser.add_argument("--skip-loop", action="store_true", help="measure the input pipelines only")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of bare step and loop (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of bare step and loop (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
 
