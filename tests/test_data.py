@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -232,6 +234,33 @@ def test_summary_line_per_split_says_what_was_detected_and_whether_the_cache_ser
 
 # ----------------------------------------------------------------------------------------------------------
 # Faults and messages
+
+
+_UNGUARDED_SCRIPT = """
+import io, sys
+import numpy as np, PIL.Image
+from cifar_train.data.decode import PARALLEL_MIN_IMAGES, decode_images
+
+count = PARALLEL_MIN_IMAGES + 100  # large enough for the worker pool
+png = io.BytesIO()
+PIL.Image.fromarray(np.full((8, 8, 3), 7, dtype=np.uint8)).save(png, format="PNG")
+records = [(png.getvalue(), None)] * count
+decoded = decode_images(count, lambda start, stop: records[start:stop], split="train", skip_corrupt=False, say=print)
+print("decoded", tuple(decoded.images.shape), int(decoded.images.sum()) == count * 3 * 64 * 7)
+"""
+
+
+def test_a_script_without_a_main_guard_decodes_in_its_own_process_without_worker_tracebacks(tmp_path: Path) -> None:
+    """Each worker re-runs an unguarded script up to the decode and leaves quietly; the caller decodes itself."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "bootstrapping" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("data: decoding [train]") and "worker processes" in lines[0]  # said once: not by workers
+    assert "could not start" in lines[1] and "__main__" in lines[1]
+    assert lines[2].startswith("decoded (") and lines[2].endswith("True") and len(lines) == 3
 
 
 def test_corrupt_image_is_named_and_leaves_no_cache_or_can_be_skipped(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def decode_images(
     files: dict[int, str | None] = {}
     workers = _worker_count() if count >= PARALLEL_MIN_IMAGES else 0
     with _progress(count, split, workers, say) as advance:
-        for start, result in _decoded_chunks(count, read, target, workers, stop_early=not skip_corrupt):
+        for start, result in _decoded_chunks(count, read, target, workers, stop_early=not skip_corrupt, say=say):
             ok, chunk, chunk_sums, chunk_squares, chunk_failures = result
             stop = start + len(ok)
             images[start:stop][ok] = chunk[ok]
@@ -128,7 +128,13 @@ def _first_format(count: int, read: Callable[[int, int], list[Record]]) -> tuple
 
 
 def _decoded_chunks(
-    count: int, read: Callable[[int, int], list[Record]], target: tuple, workers: int, *, stop_early: bool
+    count: int,
+    read: Callable[[int, int], list[Record]],
+    target: tuple,
+    workers: int,
+    *,
+    stop_early: bool,
+    say: Callable[[str], None],
 ) -> Iterator[tuple[int, tuple]]:
     """`(start, decode_chunk result)` for every chunk, as they finish. With `stop_early`, no chunk is started
     after one reported a failure (every earlier chunk still finishes, so the first failure is found).
@@ -146,7 +152,10 @@ def _decoded_chunks(
                     return
             return
         except concurrent.futures.process.BrokenProcessPool:
-            pass  # decode the rest here
+            say(
+                "data: the decode worker processes could not start (a script that calls training without an "
+                '`if __name__ == "__main__":` guard runs again in each of them); decoding in this process'
+            )
     for start in starts:
         if start in done:
             continue
@@ -210,7 +219,7 @@ def decode_chunk(records: list[Record], start: int, target: tuple[str, int, int,
 
 def _pool_context() -> multiprocessing.context.BaseContext:
     """Forkserver where there is one: workers fork from a clean server that imported this module once (no
-    fork of a process with threads, no re-import of the caller's script); spawn elsewhere."""
+    fork of a process with threads); spawn elsewhere. Both re-import the caller's main script in each worker."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
@@ -222,8 +231,14 @@ def _worker_count() -> int:
     """The cores this process may run on; 0 (decode in this process) where worker processes cannot start.
 
     Forkserver and spawn workers re-import the caller's main script by its path; a script read from stdin
-    (`python - < script.py`) has none, and every worker would die at start.
+    (`python - < script.py`) has none, and every worker would die at start. A script without an
+    `if __name__ == "__main__":` guard runs again in each worker, up to here: that worker leaves at once and
+    quietly (multiprocessing would print a traceback), and the caller decodes in its own process.
     """
+    # multiprocessing's own flag for "this process is still re-importing its parent's main script" (what its
+    # `_check_not_importing_main` reads); there is no public API for it.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(1)
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is not None and not os.path.exists(main_file):
         return 0
