@@ -408,6 +408,7 @@ def test_eval_output_is_per_sample(built: Built):
         torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=1e-7, atol=1e-7)
 
 
+@pytest.mark.slow  # TorchScript (deprecated in torch, still in timm's own contract tests): 10 s of the quick loop
 @ON_SAMPLE
 def test_torchscript(built: Built):
     model, x = built.model, built.x
