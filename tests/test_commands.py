@@ -1,9 +1,11 @@
 """Every command a user types works: each `train_accelerate.py` command in README.md and docs/ runs with
 `--dry-run`, every recipe dry-runs offline and accepts shortened epochs, `--help` answers without torch, and
-`--show-defaults` prints the schema. A dry run writes nothing."""
+`--show-defaults` prints the schema, and the README's Python blocks run. A dry run writes nothing."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import shutil
@@ -146,3 +148,33 @@ def test_show_defaults_lists_every_key_with_its_help():
     assert result.returncode == 0
     assert "[schedule]" in result.stdout and "sgdr_t_mul = 1.0" in result.stdout
     assert "# learning rate for the global batch" in result.stdout
+
+
+def _readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
+
+
+@pytest.mark.slow
+def test_the_readme_python_blocks_run(tmp_path):
+    """The Python API block trains `runs/notebook` (the quickstart recipe, 3 epochs, offline) and evaluates it;
+    the loading block then loads that run as `runs/quickstart`, each in a fresh interpreter as a user would."""
+    blocks = _readme_python_blocks()
+    api = next(block for block in blocks if "from cifar_train import" in block)
+    load = next(block for block in blocks if "local-dir:runs/quickstart" in block)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    environment = {"CIFAR_RECIPES_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env={**os.environ, **environment},
+        )  # fmt: skip
+        assert done.returncode == 0, f"{code}\n{done.stderr}"
+        return done
+
+    top1 = float(run(api).stdout.strip().splitlines()[-1])
+    final = json.loads((tmp_path / "runs" / "notebook" / "final_metrics.json").read_text())
+    assert top1 == pytest.approx(final["val_acc1"]) and final["epoch"] == 3
+    shutil.copytree(tmp_path / "runs" / "notebook", tmp_path / "runs" / "quickstart")
+    shown = run(load + "\nprint(type(model).__name__, model.num_classes, model.training)").stdout.split()
+    assert shown == ["PreActResNet", "10", "False"]
