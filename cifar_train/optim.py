@@ -220,14 +220,12 @@ class AdaBound(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
-            final_lr = group["final_lr"] * lr / group["base_lr"] if group["base_lr"] > 0 else 0.0
+            # torch._foreach_* kernels want one device and dtype per call; the bias correction wants one step count
+            buckets: dict[tuple[torch.device, torch.dtype, int], list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("AdaBound does not support sparse gradients")
                 state = self.state[p]
                 if not state:
@@ -237,27 +235,46 @@ class AdaBound(torch.optim.Optimizer):
                     if group["amsbound"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = state["step"]
-                if wd != 0 and not group["decoupled_weight_decay"]:
-                    grad = grad.add(p, alpha=wd)
-
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if group["amsbound"]:
-                    torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-                    denom = state["max_exp_avg_sq"].sqrt().add_(group["eps"])
-                else:
-                    denom = exp_avg_sq.sqrt().add_(group["eps"])
-
-                adam_step = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                lower = final_lr * (1 - 1 / (group["gamma"] * t + 1))
-                upper = final_lr * (1 + 1 / (group["gamma"] * t))
-                step_size = (adam_step / denom).clamp_(lower, upper).mul_(exp_avg)
-                if wd != 0 and group["decoupled_weight_decay"]:
-                    p.mul_(1 - wd)
-                p.sub_(step_size)
+                buckets.setdefault((p.device, p.dtype, state["step"]), []).append(p)
+            for (_, _, t), params in buckets.items():
+                self._update(params, t, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], t: int, group: dict[str, Any]) -> None:
+        """One AdaBound step at step count `t` for parameters of one device and dtype."""
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        final_lr = group["final_lr"] * lr / group["base_lr"] if group["base_lr"] > 0 else 0.0
+        states = [self.state[p] for p in params]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        grads = [p.grad for p in params]
+        if wd != 0 and not group["decoupled_weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        if group["amsbound"]:
+            max_sqs = [s["max_exp_avg_sq"] for s in states]
+            torch._foreach_maximum_(max_sqs, exp_avg_sqs)
+            denom = torch._foreach_sqrt(max_sqs)
+        else:
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denom, group["eps"])
+
+        # step = clamp(adam_step / denom, lower, upper) * exp_avg
+        adam_step = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        lower = final_lr * (1 - 1 / (group["gamma"] * t + 1))
+        upper = final_lr * (1 + 1 / (group["gamma"] * t))
+        step = torch._foreach_reciprocal(denom)
+        torch._foreach_mul_(step, adam_step)
+        torch._foreach_clamp_min_(step, lower)
+        torch._foreach_clamp_max_(step, upper)
+        torch._foreach_mul_(step, exp_avgs)
+        if wd != 0 and group["decoupled_weight_decay"]:
+            torch._foreach_mul_(params, 1 - wd)
+        torch._foreach_sub_(params, step)
 
 
 def check_optimizer(name: str) -> None:

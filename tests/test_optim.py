@@ -157,6 +157,53 @@ def test_adabound_weight_decay_l2_or_decoupled(decoupled):
         assert p.item() < 2.0 and opt.state[p]["exp_avg"].item() == pytest.approx(0.1 * 0.2)
 
 
+def _adabound_reference(w, g, state, *, t, lr, final_lr, betas, gamma, eps, wd, decoupled, amsbound):
+    """AdaBound on one tensor, written out from the paper's update (the vectorised step must agree)."""
+    b1, b2 = betas
+    g = g + wd * w if wd and not decoupled else g
+    state["m"] = b1 * state["m"] + (1 - b1) * g
+    state["v"] = b2 * state["v"] + (1 - b2) * g * g
+    state["vmax"] = torch.maximum(state["vmax"], state["v"])
+    denom = (state["vmax"] if amsbound else state["v"]).sqrt() + eps
+    rate = lr * math.sqrt(1 - b2**t) / (1 - b1**t) / denom
+    rate = rate.clamp(final_lr * (1 - 1 / (gamma * t + 1)), final_lr * (1 + 1 / (gamma * t)))
+    w = w * (1 - wd) if wd and decoupled else w
+    return w - rate * state["m"]
+
+
+@pytest.mark.parametrize("decoupled,amsbound", [(False, False), (True, False), (False, True)])
+def test_adabound_vectorised_step_equals_the_per_tensor_update(decoupled, amsbound):
+    """Several steps over tensors of two dtypes and shapes, one of them without a gradient every other step (so
+    the step counts differ), against the per-tensor formula."""
+    generator = torch.Generator().manual_seed(0)
+    shapes_dtypes = [((3, 4), torch.float64), ((5,), torch.float64), ((2, 2), torch.float32)]
+    params = [nn.Parameter(torch.randn(*shape, generator=generator, dtype=dtype)) for shape, dtype in shapes_dtypes]
+    settings = dict(betas=(0.9, 0.99), gamma=1e-2, eps=1e-8, weight_decay=0.05)
+    opt = AdaBound(params, lr=0.01, final_lr=0.1, decoupled_weight_decay=decoupled, amsbound=amsbound, **settings)
+    expected = [p.detach().clone() for p in params]
+    states = [
+        {"m": torch.zeros_like(w), "v": torch.zeros_like(w), "vmax": torch.zeros_like(w), "t": 0} for w in expected
+    ]
+    for step in range(6):
+        for index, p in enumerate(params):
+            p.grad = None if (index == 1 and step % 2) else torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        opt.param_groups[0]["lr"] = 0.01 * (1 - step / 10)  # a schedule: final_lr follows it
+        opt.step()
+        for index, p in enumerate(params):
+            if p.grad is None:
+                continue
+            states[index]["t"] += 1
+            expected[index] = _adabound_reference(
+                expected[index], p.grad, states[index], t=states[index]["t"], lr=opt.param_groups[0]["lr"],
+                final_lr=0.1 * (1 - step / 10), betas=settings["betas"], gamma=settings["gamma"],
+                eps=settings["eps"], wd=settings["weight_decay"], decoupled=decoupled, amsbound=amsbound,
+            )  # fmt: skip
+    assert [opt.state[p]["step"] for p in params] == [6, 3, 6]
+    for p, want in zip(params, expected, strict=True):
+        tolerance = 1e-12 if p.dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(p.detach(), want, rtol=tolerance, atol=tolerance)
+
+
 TIMM = set(timm.optim.list_optimizers())
 # learning rates that make a few steps of each optimizer clearly reduce the loss of the tiny task
 LEARNING_RATES = {"sgd": 0.1, "lars": 0.02, "adabound": 0.01, "adaboundw": 0.01}
