@@ -249,6 +249,11 @@ def _parser() -> argparse.ArgumentParser:
         "--launcher", choices=LAUNCHERS, default="auto", help="auto: accelerate launch with a GPU, python on a CPU"
     )
     parser.add_argument("--gpus", nargs="+", metavar="ID", help="GPUs to spread the seeds over (default: all visible)")
+    parser.add_argument(
+        "--with-weights",
+        action="store_true",
+        help="records also copy each run's weights, config and card to <results>/weights/ (at most 2 MiB of weights)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -271,7 +276,7 @@ def _sweep(args) -> int:
         for job in jobs:
             print(f"seed {job.seed}: {ACTIONS[job.action]} ({job.run_dir})", flush=True)
         run_seeds(jobs, recipe, args.overrides, launcher, gpus)
-        written = collect([job.run_dir for job in jobs], args.results)
+        written = collect([job.run_dir for job in jobs], args.results, with_weights=args.with_weights)
     except SeedFailed as failed:
         print(f"error: {failed}", file=sys.stderr)
         return failed.status

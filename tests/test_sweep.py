@@ -97,6 +97,22 @@ def test_a_second_call_skips_finished_seeds_and_touches_nothing(swept, tmp_path)
     assert files_and_mtimes(runs, out) == before
 
 
+def test_with_weights_records_copy_the_finished_runs_weights(swept, tmp_path) -> None:
+    recipe, runs, _, _ = swept
+    out = tmp_path / "results"
+    done = run_sweep(
+        str(recipe), "--seeds", "0", "1", "--set", *OVERRIDES, "--runs-dir", str(runs), "--results", str(out),
+        "--with-weights",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("finished, skipping") == 2 and done.stdout.count("recorded ") == 2
+    for record in records.load_records(out):
+        folder = out / "weights" / Path(record["file"]).stem
+        run_dir = runs / f"tiny-{records.overrides_hash(OVERRIDES)}-seed{record['seed']}"
+        assert record["weights"].startswith(f"Committed in {folder}/")
+        assert (folder / "model.safetensors").read_bytes() == (run_dir / "model.safetensors").read_bytes()
+
+
 def test_unfinished_seeds_continue_from_their_checkpoints_side_by_side(swept, tmp_path) -> None:
     recipe, runs, out, _ = swept
     runs_copy, out_copy = shutil.copytree(runs, tmp_path / "runs"), shutil.copytree(out, tmp_path / "results")
