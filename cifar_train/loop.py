@@ -160,6 +160,8 @@ def train_one_epoch(
     """
     accelerator = step.accelerator
     step.model.train()
+    if state.batch_in_epoch == 0:  # a new epoch; a resumed one continues the sums its checkpoint holds
+        step.metrics.reset()
     accumulate = accelerator.gradient_accumulation_steps
     total = len(batches) // accumulate * accumulate
     progress.start_epoch(epoch + 1, epochs, total, state.batch_in_epoch)

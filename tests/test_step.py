@@ -3,6 +3,7 @@ computations, the non-finite-loss policies on the device, `torch.compile`, and n
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -212,6 +213,29 @@ def test_the_hot_loop_reads_the_device_only_at_its_periodic_reads(tmp_path, digi
     cifar_train.loop.train(load_recipe(recipe), tmp_path / "run", log=lambda message: None)
     expected = TINY_STEPS_PER_EPOCH // every_steps + 1  # periodic read groups + the end of the epoch
     assert [sum(reads.values()) for reads in per_epoch] == [expected, expected], per_epoch
+
+
+def test_each_epochs_training_loss_and_accuracy_are_its_own(tmp_path, digits_dir, monkeypatch):
+    """metrics.jsonl's train_loss / train_acc1 of an epoch average that epoch's batches only (image-weighted), not
+    every batch since the run began."""
+    recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"epochs": 3, "checkpoint_every": 100})
+    batches: list[tuple[float, float, int]] = []  # (mean loss, soft-correct sum, images) of every batch, in order
+    real = TrainStep.forward_backward
+
+    def recorded(self, images, targets):
+        loss, correct, count = real(self, images, targets)
+        batches.append((float(loss), float(correct), count))
+        return loss, correct, count
+
+    monkeypatch.setattr(TrainStep, "forward_backward", recorded)
+    cifar_train.loop.train(load_recipe(recipe), tmp_path / "run", log=lambda message: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(batches) == 3 * TINY_STEPS_PER_EPOCH and len(rows) == 3
+    for epoch, row in enumerate(rows):
+        own = batches[epoch * TINY_STEPS_PER_EPOCH : (epoch + 1) * TINY_STEPS_PER_EPOCH]
+        images = sum(count for _, _, count in own)
+        assert row["train_loss"] == pytest.approx(sum(loss * count for loss, _, count in own) / images, rel=1e-6)
+        assert row["train_acc1"] == pytest.approx(100 * sum(correct for _, correct, _ in own) / images, rel=1e-6)
 
 
 @pytest.mark.parametrize("batch_size", [7, 50, 64])  # padded last batches of 6 and 14 rows, and one exact batch
