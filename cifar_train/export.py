@@ -22,12 +22,9 @@ from accelerate.utils import extract_model_from_parallel
 from timm.models._hub import save_config_for_hf
 
 from .atomic import write_atomic
+from .rundir import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE
 
 __all__ = ["CONFIG_FILE", "MODEL_CARD_FILE", "WEIGHTS_FILE", "export_model", "unwrap_model", "write_model_card"]
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-MODEL_CARD_FILE = "README.md"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

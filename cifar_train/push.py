@@ -19,12 +19,12 @@ import re
 from pathlib import Path
 
 from cifar_train.errors import UserError
-from cifar_train.export import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE
 from cifar_train.hub import check_hub_reachable
+from cifar_train.rundir import EXPORT_FILES
 
 __all__ = ["UPLOAD_FILES", "check_hub_reachable", "check_run_dir", "main", "push_run"]
 
-UPLOAD_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODEL_CARD_FILE)
+UPLOAD_FILES = EXPORT_FILES
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 

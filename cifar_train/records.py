@@ -25,7 +25,7 @@ from typing import Any
 from .atomic import write_atomic, write_text_atomic
 from .errors import UserError
 from .recipe import parse_overrides
-from .rundir import read_metrics
+from .rundir import EXPORT_FILES, read_metrics
 
 __all__ = [
     "canonical_overrides",
@@ -256,11 +256,10 @@ def collect(
 
 
 MAX_COMMITTED_WEIGHTS = 2 * 1024 * 1024  # bytes: larger weights belong on the Hub (python -m cifar_train.push)
-WEIGHT_FILES = ("model.safetensors", "config.json", "README.md")  # what local-dir: loading and a reader need
 
 
 def _check_committable(run_dir: Path) -> None:
-    missing = [name for name in WEIGHT_FILES if not (run_dir / name).is_file()]
+    missing = [name for name in EXPORT_FILES if not (run_dir / name).is_file()]
     if missing:
         raise UserError(f"{str(run_dir)!r} has no {', '.join(missing)}: --with-weights needs a finished run's export")
     size = (run_dir / "model.safetensors").stat().st_size
@@ -274,7 +273,7 @@ def _check_committable(run_dir: Path) -> None:
 
 def _copy_weights(run_dir: Path, folder: Path) -> str:
     """Copy the export into `folder` (atomically per file); the record's `weights` line naming it."""
-    for name in WEIGHT_FILES:
+    for name in EXPORT_FILES:
         write_atomic(folder / name, lambda temporary, source=run_dir / name: shutil.copyfile(source, temporary))
     try:
         shown = folder.resolve().relative_to(ROOT).as_posix()

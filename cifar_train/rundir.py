@@ -29,13 +29,29 @@ from .errors import UserError
 from .recipe import load_recipe, recipe_to_dict
 from .schema import Recipe
 
-__all__ = ["METRICS_FILE", "RunDirectory", "RunLock", "collect_env", "lock_holder", "read_metrics", "resumed_recipe"]
+__all__ = [
+    "CONFIG_FILE",
+    "EXPORT_FILES",
+    "METRICS_FILE",
+    "MODEL_CARD_FILE",
+    "WEIGHTS_FILE",
+    "RunDirectory",
+    "RunLock",
+    "collect_env",
+    "lock_holder",
+    "read_metrics",
+    "resumed_recipe",
+]
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.toml"
 ENV_FILE = "env.json"
 FINAL_FILE = "final_metrics.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"  # timm's pretrained config
+MODEL_CARD_FILE = "README.md"
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODEL_CARD_FILE)  # what local-dir: loads and a push uploads
 
 
 def _in_use(run_dir: Path, holder: str) -> UserError:

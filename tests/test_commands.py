@@ -132,15 +132,20 @@ def test_the_readme_example_runs_and_says_why_the_lr_will_not_drop(tmp_path):
     assert "warning: schedule.milestones 80, 120 are at or after the last epoch (10)" in result.stderr
 
 
-def test_help_answers_without_importing_torch():
-    for script in ("train_accelerate.py", "evaluate.py"):
-        probe = f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
-        probe += f"try:\n    runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        probe += "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')"
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip().endswith("NO TORCH"), f"{script} --help imported torch"
-        assert "usage:" in done.stdout
+ENTRY_POINTS = [("run_path", "train_accelerate.py"), ("run_path", "evaluate.py")] + [
+    ("run_module", f"cifar_train.{name}") for name in ("plot", "push", "results", "sweep")
+]
+
+
+@pytest.mark.parametrize("runner,script", ENTRY_POINTS, ids=[script for _, script in ENTRY_POINTS])
+def test_help_answers_without_importing_torch(runner, script):
+    probe = f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+    probe += f"try:\n    runpy.{runner}('{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    probe += "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("NO TORCH"), f"{script} --help imported torch"
+    assert "usage:" in done.stdout
 
 
 def test_show_defaults_lists_every_key_with_its_help():
