@@ -187,8 +187,8 @@ def write_model_card(
         '# or, once pushed: timm.create_model("hf-hub:<user>/<name>", pretrained=True)',
         "model.eval()",
         "# preprocessing the run used (uint8 pixels / 255, then (x - mean) / std):",
-        "mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']",
-        "class_names = model.pretrained_cfg['label_names']",
+        'mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]',
+        'class_names = model.pretrained_cfg["label_names"]',
         "```",
         "",
         f"Evaluate it with `python evaluate.py {run_dir}`"
