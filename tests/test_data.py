@@ -7,6 +7,7 @@ class-stratified `train_limit`, the batch sources (shards, resume, padding, no h
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Image
@@ -234,6 +236,32 @@ def test_summary_line_per_split_says_what_was_detected_and_whether_the_cache_ser
 
 # ----------------------------------------------------------------------------------------------------------
 # Faults and messages
+
+
+def test_the_first_corrupt_row_is_named_even_when_a_later_chunk_fails_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool returns chunks as they finish: a later failing chunk may come back before an earlier one that also
+    fails. The error must still name the earlier row (here the pool is replaced by one that answers in reverse)."""
+    good, bad = _png_bytes(), b"not an image"
+    records = [(bad if row in (5, 14) else good, None) for row in range(16)]
+    monkeypatch.setattr(decode_module, "CHUNK_IMAGES", 4)
+
+    def reversed_pool(starts, count, read, target, workers, *, stop_early):
+        for start in reversed(starts):
+            yield start, decode_module.decode_chunk(read(start, min(count, start + 4)), start, target)
+
+    monkeypatch.setattr(decode_module, "_pool_chunks", reversed_pool)
+    monkeypatch.setattr(decode_module, "_worker_count", lambda: 2)
+    monkeypatch.setattr(decode_module, "PARALLEL_MIN_IMAGES", 0)
+    with pytest.raises(UserError, match=r"corrupt image in split 'train' at index 5\b"):
+        decode_module.decode_images(
+            16, lambda start, stop: records[start:stop], split="train", skip_corrupt=False, say=lambda line: None
+        )
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.full((8, 8, 3), 7, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 _UNGUARDED_SCRIPT = """

@@ -145,11 +145,11 @@ def _decoded_chunks(
     done: set[int] = set()
     if workers:
         try:
+            # No return at a failing chunk: an earlier chunk still running may hold an earlier failure, and the
+            # pool starts nothing new after a failure, so draining it costs only the chunks already running.
             for start, result in _pool_chunks(starts, count, read, target, workers, stop_early=stop_early):
                 done.add(start)
                 yield start, result
-                if stop_early and result[4]:
-                    return
             return
         except concurrent.futures.process.BrokenProcessPool:
             say(
