@@ -12,6 +12,7 @@ and imports no torch.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any
 from .atomic import write_atomic, write_text_atomic
 from .errors import UserError
 from .recipe import parse_overrides
-from .rundir import EXPORT_FILES, read_metrics
+from .rundir import EXPORT_FILES, WEIGHTS_FILE, read_metrics
 
 __all__ = [
     "canonical_overrides",
@@ -184,7 +185,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     }
     if env.get("cuda"):
         record["versions"]["cuda"] = env["cuda"]
-    weights = run_dir / "model.safetensors"
+    weights = run_dir / WEIGHTS_FILE
     if weights.is_file():
         record["weights_sha256"] = _sha256(weights)
         where = f"{run_dir.name}/model.safetensors (sha256 above) on the machine that trained it"
@@ -262,10 +263,10 @@ def _check_committable(run_dir: Path) -> None:
     missing = [name for name in EXPORT_FILES if not (run_dir / name).is_file()]
     if missing:
         raise UserError(f"{str(run_dir)!r} has no {', '.join(missing)}: --with-weights needs a finished run's export")
-    size = (run_dir / "model.safetensors").stat().st_size
+    size = (run_dir / WEIGHTS_FILE).stat().st_size
     if size > MAX_COMMITTED_WEIGHTS:
         raise UserError(
-            f"{str(run_dir / 'model.safetensors')!r} is {size / 2**20:.1f} MiB, more than the "
+            f"{str(run_dir / WEIGHTS_FILE)!r} is {size / 2**20:.1f} MiB, more than the "
             f"{MAX_COMMITTED_WEIGHTS / 2**20:.0f} MiB --with-weights copies into the repository; collect it without "
             f"--with-weights and share the weights on the Hub: python -m cifar_train.push {run_dir} <user>/<name>"
         )
@@ -274,6 +275,8 @@ def _check_committable(run_dir: Path) -> None:
 def _copy_weights(run_dir: Path, folder: Path) -> str:
     """Copy the export into `folder` (atomically per file); the record's `weights` line naming it."""
     for name in EXPORT_FILES:
+        if (folder / name).is_file() and filecmp.cmp(run_dir / name, folder / name, shallow=False):
+            continue  # collected before: left untouched, as an unchanged record is
         write_atomic(folder / name, lambda temporary, source=run_dir / name: shutil.copyfile(source, temporary))
     try:
         shown = folder.resolve().relative_to(ROOT).as_posix()

@@ -207,6 +207,11 @@ def test_collect_with_weights_copies_a_loadable_export_and_refuses_large_weights
     for (name, a), (_, b) in zip(loaded.state_dict().items(), original.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = run_results("collect", str(run_dir), "--out", str(out), "--with-weights")
+    assert again.returncode == 0 and again.stdout.strip() == f"unchanged {path}"
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # copies left untouched
+
     monkeypatch.setattr(records, "MAX_COMMITTED_WEIGHTS", 1000)
     with pytest.raises(records.UserError, match=r"MiB, more than the .* cifar_train.push"):
         records.collect([run_dir], tmp_path / "other", with_weights=True)
