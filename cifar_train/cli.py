@@ -6,6 +6,7 @@
     python train_accelerate.py --resume runs/wrn_ricap
     python train_accelerate.py --show-defaults                       # every recipe key, its default and meaning
     python evaluate.py runs/wrn_ricap --tta flip
+    python -m cifar_train.push runs/wrn_ricap user/name
 
 Bad input is one line on stderr and exit status 2; a non-finite loss exits 3, an interruption 128 + the
 signal. `--debug` prints the traceback first, then exits with the same status. Arguments are parsed before
@@ -15,50 +16,12 @@ torch is imported, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import Interrupted, NonFiniteLoss, UserError
+from .errors import UserError, guarded, say_on_main
 
-__all__ = ["evaluate_main", "guarded", "main"]
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _say(text: str) -> None:
-    if _is_main_process():
-        print(text, file=sys.stderr)
-
-
-def guarded(body: Callable[[], int], *, debug: bool = False) -> int:
-    """Run an entry point's body; turn the exceptions a user meets into one line and an exit status."""
-    try:
-        return body()
-    except (UserError, NonFiniteLoss) as err:
-        status = 2 if isinstance(err, UserError) else 3
-        message = f"error: {' '.join(str(err).split())}"  # always one line
-        shown = err
-    except Interrupted as stop:
-        status = 128 + stop.signum
-        where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
-        run_dir = stop.checkpoint.parent.parent if stop.checkpoint else None
-        again = f"; continue with: python train_accelerate.py --resume {run_dir}" if run_dir else ""
-        message = f"interrupted by {signal.Signals(stop.signum).name}{where}{again}"
-        shown = stop
-    except KeyboardInterrupt as interrupt:  # SIGINT outside the training loop (loading data, exporting)
-        status = 128 + signal.SIGINT
-        message = "error: interrupted by SIGINT; a run directory keeps its newest complete checkpoint, if any"
-        shown = interrupt
-    if debug and _is_main_process():
-        traceback.print_exception(shown)
-    _say(message)
-    return status
+__all__ = ["evaluate_main", "guarded", "main", "push_main"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,7 +57,7 @@ def _recipe_and_run_dir(args: argparse.Namespace):
     from .recipe import load_recipe
 
     def read(path: str):
-        return load_recipe(path, args.overrides, on_warning=lambda message: _say(f"warning: {message}"))
+        return load_recipe(path, args.overrides, on_warning=lambda message: say_on_main(f"warning: {message}"))
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -172,5 +135,37 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         from .report import run_evaluation
 
         return run_evaluation(args)
+
+    return guarded(body, debug=args.debug)
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m cifar_train.push
+
+
+def _push_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar_train.push",
+        description="Upload a finished run (weights, timm config, model card) to the Hugging Face Hub.",
+    )
+    parser.add_argument("run_dir", type=Path, help="a finished run directory")
+    parser.add_argument("repo_id", help="Hub repository, user/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def push_main(argv: Sequence[str] | None = None) -> int:
+    args = _push_parser().parse_args(argv)
+
+    def body() -> int:
+        from .push import push_run
+
+        url = push_run(args.run_dir, args.repo_id, private=args.private)
+        print(
+            f"pushed {args.run_dir} to {url}; load it with: import cifar_models, timm; "
+            f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)"
+        )
+        return 0
 
     return guarded(body, debug=args.debug)

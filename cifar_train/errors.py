@@ -1,4 +1,5 @@
-"""The exceptions a user meets, and the "did you mean" hint for their messages.
+"""The exceptions a user meets, the "did you mean" hint for their messages, and `guarded`, the one wrapper that
+turns them into a line and an exit status for every command line.
 
 Anything raised as `UserError` is shown by the command-line tools as one line (exit status 2, no
 traceback unless `--debug`). Its message must name the bad value and say what would be right.
@@ -8,11 +9,16 @@ traceback unless `--debug`). Its message must name the bad value and say what wo
 from __future__ import annotations
 
 import difflib
+import os
 import signal
-from collections.abc import Iterable
+import sys
+import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["Interrupted", "NonFiniteLoss", "UserError", "did_you_mean"]
+from .wording import continue_command, speaking
+
+__all__ = ["Interrupted", "NonFiniteLoss", "UserError", "did_you_mean", "guarded", "say_on_main"]
 
 
 class UserError(Exception):
@@ -24,12 +30,21 @@ class NonFiniteLoss(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived during training; a checkpoint was saved. `signum` says which."""
+    """SIGINT/SIGTERM arrived: during training (a checkpoint was saved) or while starting (nothing was written,
+    `checkpoint` is None). `signum` says which."""
 
     def __init__(self, signum: int, checkpoint: Path | None) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
         self.checkpoint = checkpoint
+
+    def describe(self) -> str:
+        """One line: the signal, and the checkpoint to continue from or that the start-up left nothing behind."""
+        name = signal.Signals(self.signum).name
+        if self.checkpoint is None:
+            return f"interrupted by {name} while starting, before training; nothing was written"
+        run_dir = Path(self.checkpoint).parent.parent
+        return f"interrupted by {name}; checkpoint {self.checkpoint}; continue with: {continue_command(run_dir)}"
 
 
 def _edits(a: str, b: str) -> int:
@@ -56,3 +71,40 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
         return ""
     best = min(close, key=lambda choice: (_edits(word, choice), order[choice]))
     return f" (did you mean {best!r}?)"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say_on_main(text: str) -> None:
+    """Print to stderr, once per job: on the main process of a launch (RANK 0, or no launcher)."""
+    if _is_main_process():
+        print(text, file=sys.stderr)
+
+
+def guarded(body: Callable[[], int], *, debug: bool = False) -> int:
+    """Run a command line's body; turn the exceptions a user meets into one line and an exit status.
+
+    Messages raised inside speak the command line's language (`wording.speaking(interface="cli")`).
+    """
+    try:
+        with speaking(interface="cli"):
+            return body()
+    except (UserError, NonFiniteLoss) as err:
+        status = 2 if isinstance(err, UserError) else 3
+        message = f"error: {' '.join(str(err).split())}"  # always one line
+        shown = err
+    except Interrupted as stop:
+        status = 128 + stop.signum
+        with speaking(interface="cli"):
+            message = stop.describe()
+        shown = stop
+    except KeyboardInterrupt as interrupt:  # SIGINT outside the training loop (exporting, evaluating)
+        status = 128 + signal.SIGINT
+        message = "error: interrupted by SIGINT; a run directory keeps its newest complete checkpoint, if any"
+        shown = interrupt
+    if debug and _is_main_process():
+        traceback.print_exception(shown)
+    say_on_main(message)
+    return status

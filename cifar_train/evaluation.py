@@ -25,9 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cifar_train.data.classes import class_map
 from cifar_train.errors import UserError
-from cifar_train.export import WEIGHTS_FILE
+from cifar_train.hub import check_hub_reachable
 from cifar_train.losses import classification_sums
+from cifar_train.rundir import CONFIG_FILE, RECIPE_FILE, WEIGHTS_FILE
 
 __all__ = [
     "ECE_BINS",
@@ -43,7 +45,6 @@ __all__ = [
 
 ECE_BINS = 15  # equal-width confidence bins
 TTA_MODES = ("flip",)
-RECIPE_FILE = "recipe.toml"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,8 +118,8 @@ def _resolve_source(source: str) -> tuple[str, Path | None]:
             f"source {source!r}: no {WEIGHTS_FILE} in {str(path)!r}; a run exports it when it finishes "
             "(an interrupted run has only checkpoints/)"
         )
-    if not (path / "config.json").is_file():
-        raise UserError(f"source {source!r}: no config.json in {str(path)!r}, so timm cannot rebuild the model")
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"source {source!r}: no {CONFIG_FILE} in {str(path)!r}, so timm cannot rebuild the model")
     return f"local-dir:{path}", path
 
 
@@ -129,11 +130,8 @@ def load_model(source: str) -> nn.Module:
     import cifar_models  # noqa: F401  (registers the CIFAR architectures a config may name)
 
     name, _ = _resolve_source(source)
-    if name.startswith("hf-hub:"):
-        from cifar_train.push import check_hub_reachable
-
-        if not _in_hf_cache(name[len("hf-hub:") :]):
-            check_hub_reachable(f"source {source!r}")
+    if name.startswith("hf-hub:") and not _in_hf_cache(name[len("hf-hub:") :]):
+        check_hub_reachable(f"source {source!r}")
     try:
         model = timm.create_model(name, pretrained=True)
     except (RuntimeError, ValueError, KeyError, OSError) as err:  # unknown architecture, bad weights, Hub errors
@@ -212,7 +210,7 @@ def _memory_data(val: Any, info: Any, split_label: str, model: nn.Module) -> Eva
     """Decoded images, normalised with the model's mean and std batch by batch (padding dropped)."""
     from cifar_train.data import MemoryEvalBatches
 
-    _check_compatible(model, channels=info.channels, image_size=info.image_size, num_classes=info.num_classes)
+    _check_compatible(model, channels=info.channels, image_size=info.image_size)
     cfg = model.pretrained_cfg
 
     def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -227,7 +225,7 @@ def _streaming_data(source: Any, *, split: str, setting: str, model: nn.Module, 
     cfg = model.pretrained_cfg
     image_size = int(cfg["input_size"][-1])
     rows = data_lib.StreamingSplit.open(source, split, setting=setting, **columns)
-    _check_compatible(model, channels=rows.channels, image_size=(image_size, image_size), num_classes=rows.num_classes)
+    _check_compatible(model, channels=rows.channels, image_size=(image_size, image_size))
 
     def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = data_lib.StreamingEvalBatches(
@@ -244,13 +242,21 @@ def _streaming_data(source: Any, *, split: str, setting: str, model: nn.Module, 
     return EvalData(rows.name, split, rows.class_names, len(rows.rows), batches, normalised=True)
 
 
+def model_classes(model: nn.Module) -> list[str]:
+    """The model's class names: its config's `label_names`, or "0".."K-1" when it has none."""
+    from cifar_train.data.classes import integer_names
+
+    names = model.pretrained_cfg.get("label_names")
+    return list(names) if names else integer_names(model.num_classes)
+
+
 def _real_rows(batches: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`(images, labels)` of fixed-size `EvalBatches` with the padding of the last batch dropped."""
     for images, labels, valid in batches:
         yield (images, labels) if bool(valid.all()) else (images[valid], labels[valid])
 
 
-def _check_compatible(model: nn.Module, *, channels: int, image_size: tuple[int, int], num_classes: int) -> None:
+def _check_compatible(model: nn.Module, *, channels: int, image_size: tuple[int, int]) -> None:
     model_chans, *model_size = model.pretrained_cfg["input_size"]
     if channels != model_chans:
         raise UserError(f"the dataset has {channels}-channel images but the model takes {model_chans} channels")
@@ -259,8 +265,6 @@ def _check_compatible(model: nn.Module, *, channels: int, image_size: tuple[int,
             f"the dataset's images are {image_size[0]}x{image_size[1]} but the model was trained on "
             f"{model_size[0]}x{model_size[1]}; evaluate it on the dataset it was trained for"
         )
-    if num_classes != model.num_classes:
-        raise UserError(f"the dataset has {num_classes} classes but the model predicts {model.num_classes}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +321,10 @@ def evaluate_with_predictions(
         recipe = None  # another dataset: the run's split and column settings do not apply
     model = load_model(source)
     data = _load_data(dataset, split=split, recipe=recipe, model=model)
+    classes = model_classes(model)
+    mapping = class_map(
+        data.class_names, classes, what=f"the classes of {data.dataset!r} [{data.split}]", target_what="the model's"
+    )
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device, memory_format=torch.channels_last)  # as training ran by default (model.channels_last)
@@ -332,9 +340,10 @@ def evaluate_with_predictions(
         all_log_probs.append(predict(model, images, tta).cpu())
         all_labels.append(labels.long().cpu())
     seconds = time.perf_counter() - started
-    num_classes = len(data.class_names)
-    log_probs = torch.cat(all_log_probs) if all_log_probs else torch.empty(0, num_classes)
+    log_probs = torch.cat(all_log_probs) if all_log_probs else torch.empty(0, len(classes))
     labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    if mapping is not None:
+        labels = torch.from_numpy(mapping)[labels]
     if labels.numel() == 0:
         raise UserError(f"split {data.split!r} of {data.dataset!r} holds no images to evaluate")
     result = {
@@ -343,7 +352,7 @@ def evaluate_with_predictions(
         "dataset": data.dataset,
         "split": data.split,
         "tta": tta,
-        **compute_metrics(log_probs, labels, data.class_names),
+        **compute_metrics(log_probs, labels, classes),
         "mean": list(cfg["mean"]),
         "std": list(cfg["std"]),
         "device": str(device),

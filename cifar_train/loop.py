@@ -33,6 +33,7 @@ from .components import (
 )
 from .data import open_training_data
 from .errors import Interrupted, NonFiniteLoss, UserError
+from .finish import finish_run
 from .losses import classification_sums
 from .progress import EpochProgress, print_summary
 from .recipe import flatten_recipe, recipe_to_toml
@@ -284,17 +285,15 @@ def _finish(accelerator, run, model, recipe, info, state, history) -> dict[str, 
     if info.skipped_images:  # data.skip_corrupt: which corrupt images were left out, per split
         final["skipped_corrupt_images"] = info.skipped_images
     if accelerator.is_main_process:
-        run.finish(
+        finish_run(
+            run,
             accelerator.unwrap_model(model),
             final,
-            recipe_toml=recipe_to_toml(recipe),
             model_name=recipe.model.name,
             model_kwargs=dict(recipe.model.kwargs),
-            dataset=recipe.data.dataset,
             info=info,
             push_to=recipe.hub.push_to,
             private=recipe.hub.private,
-            trained_with_flips=recipe.augment.hflip,
         )
         print_summary(history, final, run.path)
     accelerator.wait_for_everyone()

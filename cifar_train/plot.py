@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
 
-    from .cli import guarded
+    from .errors import guarded
 
     return guarded(body, debug=args.debug)
 

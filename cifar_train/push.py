@@ -13,7 +13,6 @@ The token comes from `token=`, `$HF_TOKEN` or `hf auth login`; it is never print
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from cifar_train.errors import UserError
 from cifar_train.hub import check_hub_reachable
 from cifar_train.rundir import EXPORT_FILES
 
-__all__ = ["UPLOAD_FILES", "check_hub_reachable", "check_run_dir", "main", "push_run"]
+__all__ = ["UPLOAD_FILES", "check_run_dir", "push_run"]
 
 UPLOAD_FILES = EXPORT_FILES
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -41,7 +40,7 @@ def check_run_dir(run_dir: Path) -> Path:
     if missing:
         raise UserError(
             f"{str(run_dir)!r} lacks {', '.join(missing)}; a run writes them when it finishes "
-            "(cifar_train.export.export_model and write_model_card)"
+            "(an interrupted run has only checkpoints/; continue it to the end first)"
         )
     try:
         timm.create_model(f"local-dir:{run_dir}", pretrained=True)
@@ -78,26 +77,7 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
     return str(url)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_train.push", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run directory")
-    parser.add_argument("repo_id", help="Hub repository, user/name (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+if __name__ == "__main__":  # `python -m cifar_train.push`: the command line lives with the others, in cli.py
+    from cifar_train.cli import push_main
 
-    def body() -> int:
-        url = push_run(args.run_dir, args.repo_id, private=args.private)
-        print(
-            f"pushed {args.run_dir} to {url}; load it with: import cifar_models, timm; "
-            f"timm.create_model('hf-hub:{args.repo_id}', pretrained=True)"
-        )
-        return 0
-
-    from .cli import guarded
-
-    return guarded(body, debug=args.debug)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(push_main())

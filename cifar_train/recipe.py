@@ -28,6 +28,7 @@ __all__ = [
     "recipe_from_dict",
     "recipe_to_dict",
     "recipe_to_toml",
+    "replace_recipe",
     "show_defaults",
 ]
 
@@ -104,6 +105,14 @@ def recipe_from_dict(data: Mapping[str, Any], *, on_warning: Callable[[str], Non
     for message in found.warnings:
         say(message)
     return recipe
+
+
+def replace_recipe(recipe: Recipe, **sections: Mapping[str, Any]) -> Recipe:
+    """A copy with some keys changed, checked like a loaded recipe: `replace_recipe(r, train={"epochs": 3})`."""
+    data = recipe_to_dict(recipe)
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return recipe_from_dict(data)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:

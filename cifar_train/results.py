@@ -383,7 +383,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import guarded
+    from .errors import guarded
 
     args = _parser().parse_args(argv)
     return guarded(lambda: args.run(args), debug=args.debug)

@@ -5,8 +5,9 @@
 `RunDirectory` refuses to clobber (only reads until every input is checked), takes an exclusive lock that the OS
 releases even after `kill -9` and that the object releases exactly once (also on errors and signals), clears the
 directory for `--overwrite`, writes the resolved recipe and the environment, appends one metrics line per epoch
-(fsync'd; truncated back to the checkpoint on resume) and finishes the run (final metrics, safetensors export,
-model card, Hub push). `read_metrics` is the one reader of `metrics.jsonl` (the plots use it too).
+(fsync'd; truncated back to the checkpoint on resume) and writes `final_metrics.json`. Exporting, the model
+card and the Hub push build on it (`finish.py`); this module knows nothing of them. `read_metrics` is the one
+reader of `metrics.jsonl` (the plots use it too).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ from typing import Any
 from .atomic import write_json_atomic, write_text_atomic
 from .errors import UserError
 from .recipe import load_recipe, recipe_to_dict
+from .rounding import readable
 from .schema import Recipe
 
 __all__ = [
     "CONFIG_FILE",
+    "ENV_FILE",
     "EXPORT_FILES",
+    "FINAL_FILE",
     "METRICS_FILE",
     "MODEL_CARD_FILE",
+    "RECIPE_FILE",
     "WEIGHTS_FILE",
     "RunDirectory",
     "RunLock",
@@ -216,7 +221,7 @@ class RunDirectory:
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one epoch's record and fsync it, so a later kill cannot lose it."""
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(readable(row)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -232,50 +237,9 @@ class RunDirectory:
 
     # ---- the end of a run
 
-    def finish(
-        self,
-        model: Any,
-        final: dict[str, Any],
-        *,
-        recipe_toml: str,
-        model_name: str,
-        model_kwargs: dict[str, Any],
-        dataset: str,
-        info: Any,  # cifar_train.data.DatasetInfo
-        push_to: str | None,
-        private: bool,
-        trained_with_flips: bool,
-    ) -> None:
-        """final_metrics.json, the safetensors export with timm's config, the model card, and the Hub push."""
-        from .export import export_model, write_model_card
-
-        write_json_atomic(self.path / FINAL_FILE, final)
-        export_model(
-            model,
-            self.path,
-            model_name=model_name,
-            model_kwargs=model_kwargs,
-            num_classes=info.num_classes,
-            in_chans=info.channels,
-            input_size=(info.channels, *info.image_size),
-            mean=info.mean,
-            std=info.std,
-            class_names=info.class_names,
-        )
-        write_model_card(
-            self.path,
-            recipe_toml=recipe_toml,
-            model_name=model_name,
-            results=final,
-            env=self.env(),
-            dataset=dataset,
-            num_params=sum(p.numel() for p in model.parameters()),
-            trained_with_flips=trained_with_flips,
-        )
-        if push_to:
-            from .push import push_run
-
-            push_run(self.path, push_to, private=private)
+    def write_final(self, final: dict[str, Any]) -> None:
+        """`final_metrics.json`: the last epoch, best top-1, training time (rounded for reading)."""
+        write_json_atomic(self.path / FINAL_FILE, readable(final))
 
 
 def resumed_recipe(recipe: Recipe | None, run_dir: Path) -> Recipe:

@@ -201,15 +201,6 @@ class Recipe:
     log: LogConfig = field(default_factory=LogConfig)
     hub: HubConfig = field(default_factory=HubConfig)
 
-    def replace(self, **sections: Mapping[str, Any]) -> Recipe:
-        """A copy with some keys changed, e.g. `recipe.replace(train={"epochs": 3})` (validated)."""
-        from .recipe import recipe_from_dict, recipe_to_dict  # the loader lives beside the schema
-
-        data = recipe_to_dict(self)
-        for section, values in sections.items():
-            data.setdefault(section, {}).update(values)
-        return recipe_from_dict(data)
-
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Recipe)[f.name] for f in dataclasses.fields(Recipe)}
 

@@ -259,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import guarded
+    from .errors import guarded
 
     args = _parser().parse_args(argv)
     return guarded(lambda: _sweep(args), debug=args.debug)

@@ -15,8 +15,10 @@ import torch
 
 import cifar_models  # noqa: F401  (registers resnet20)
 from cifar_train.errors import UserError
-from cifar_train.export import export_model, write_model_card
-from cifar_train.push import UPLOAD_FILES, check_run_dir, main, push_run
+from cifar_train.card import CardFacts, write_model_card
+from cifar_train.cli import push_main
+from cifar_train.export import export_model
+from cifar_train.push import UPLOAD_FILES, check_run_dir, push_run
 from cifar_train.recipe import load_recipe, recipe_to_dict, recipe_to_toml
 
 _TRAINED: dict = {}
@@ -115,12 +117,14 @@ def test_export_rejects_inconsistent_arguments_and_writes_nothing(tmp_path):
 
 def _card(tmp_path, dataset="uoft-cs/cifar10"):
     recipe = load_recipe(None, ["train.epochs=3", "schedule.milestones=[1, 2]", f"data.dataset={dataset!r}"])
-    results = {"val_acc1": 91.234, "val_acc5": 99.5, "val_loss": 0.3123, "best_val_acc1": 91.5, "epochs": 3,
-               "train_seconds": 3725.0}  # fmt: skip
-    write_model_card(
-        tmp_path, recipe_toml=recipe_to_toml(recipe), model_name="resnet20", results=results,
-        env={"torch": "2.x", "gpus": ["H100"], "git_commit": None}, dataset=dataset, num_params=272_474,
+    results = {"val_acc1": 91.234, "val_acc5": 99.5, "val_loss": 0.3123, "best_val_acc1": 91.5, "epoch": 3,
+               "elapsed_seconds": 3725.0, "train_acc1": 88.20000457763672}  # fmt: skip
+    facts = CardFacts(
+        run_name="run", model_name="resnet20", num_params=272_474, dataset=dataset, val_split="test",
+        recipe_toml=recipe_to_toml(recipe), results=results, env={"torch": "2.x", "gpus": ["H100"], "git_commit": None},
+        trained_with_flips=True, location=str(tmp_path),
     )  # fmt: skip
+    write_model_card(tmp_path, facts)
     return recipe, (tmp_path / "README.md").read_text(encoding="utf-8")
 
 
@@ -137,6 +141,7 @@ def test_model_card_front_matter_recipe_and_loading(tmp_path):
     assert code.index("import cifar_models") < code.index("import timm") < code.index("local-dir:")
     assert "hf-hub:" in code
     assert "| final validation top-1 (%) | 91.23 |" in body and "| training time | 1h 02m 05s |" in body
+    assert "| last epoch's training top-1 (%) | 88.20 |" in body and "88.2000" not in card
     assert "H100" in body and "git_commit" not in body  # empty environment entries are left out
 
 
@@ -145,7 +150,9 @@ def test_model_card_omits_local_dataset_from_hub_metadata(tmp_path):
     local.mkdir()
     _, card = _card(tmp_path, dataset=str(local))
     front = card.split("---\n", 2)[1]
-    assert "datasets:" not in front and str(local) in card
+    assert "datasets:" not in front
+    body = card.split("## Recipe")[0]  # the recipe block itself names data.dataset as the run had it
+    assert str(local) not in body and "data (a local copy)" in body
 
 
 def _finished_run(tmp_path):
@@ -189,7 +196,7 @@ def test_push_offline_fails_fast_without_leaking_the_token(tmp_path, monkeypatch
     with pytest.raises(UserError, match="HF_HUB_OFFLINE") as info:
         push_run(run, "user/name", token=secret)
     assert secret not in str(info.value)
-    assert main([str(run), "user/name"]) == 2
+    assert push_main([str(run), "user/name"]) == 2
     assert time.perf_counter() - started < 30  # seconds: no network retries
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err

@@ -16,6 +16,7 @@ from cifar_train.recipe import (
     parse_overrides,
     recipe_from_dict,
     recipe_to_toml,
+    replace_recipe,
     show_defaults,
 )
 from cifar_train.schema import SECTIONS, AugmentConfig, DataConfig, OptimConfig, Recipe, ScheduleConfig, section_kwargs
@@ -192,10 +193,12 @@ def test_resolved_recipe_round_trips_through_toml():
 
 
 def test_replace_validates():
-    r = Recipe().replace(train={"epochs": 3}, schedule={"milestones": [1, 2]})
+    r = replace_recipe(Recipe(), train={"epochs": 3}, schedule={"milestones": [1, 2]})
     assert r.train.epochs == 3 and r.schedule.milestones == (1, 2)
-    with pytest.raises(UserError):
-        Recipe().replace(train={"epochs": -1})
+    with pytest.raises(UserError, match="train.epochs"):
+        replace_recipe(Recipe(), train={"epochs": -1})
+    with pytest.raises(UserError, match="milestones"):  # the components' rules too, not only types and ranges
+        replace_recipe(Recipe(), schedule={"milestones": [120, 80]})
 
 
 def test_flatten_recipe_gives_scalars_only():

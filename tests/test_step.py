@@ -234,8 +234,9 @@ def test_each_epochs_training_loss_and_accuracy_are_its_own(tmp_path, digits_dir
     for epoch, row in enumerate(rows):
         own = batches[epoch * TINY_STEPS_PER_EPOCH : (epoch + 1) * TINY_STEPS_PER_EPOCH]
         images = sum(count for _, _, count in own)
-        assert row["train_loss"] == pytest.approx(sum(loss * count for loss, _, count in own) / images, rel=1e-6)
-        assert row["train_acc1"] == pytest.approx(100 * sum(correct for _, correct, _ in own) / images, rel=1e-6)
+        # metrics.jsonl holds 6 significant digits (cifar_train.rounding): within 5e-6 of the value, relatively
+        assert row["train_loss"] == pytest.approx(sum(loss * count for loss, _, count in own) / images, rel=6e-6)
+        assert row["train_acc1"] == pytest.approx(100 * sum(correct for _, correct, _ in own) / images, rel=6e-6)
 
 
 @pytest.mark.parametrize("batch_size", [7, 50, 64])  # padded last batches of 6 and 14 rows, and one exact batch

@@ -19,7 +19,7 @@ from cifar_train.data.local import digest
 
 __all__ = ["CACHE_FORMAT", "entry_path", "load_entry", "save_entry"]
 
-CACHE_FORMAT = 2  # bump when the cached file layout or decoding changes
+CACHE_FORMAT = 3  # bump when the cached file layout or decoding changes (3: string labels, 16-bit images scaled)
 
 
 def entry_path(cache_dir: Path, key_fields: list[Any]) -> Path:

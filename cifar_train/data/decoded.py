@@ -20,21 +20,22 @@ from typing import Any
 import torch
 
 from cifar_train.data import cache
+from cifar_train.data.classes import class_map
 from cifar_train.data.decode import decode_images
 from cifar_train.data.info import DatasetInfo, mean_std, summary_line
 from cifar_train.data.local import FolderScan, scan_folder
 from cifar_train.data.source import (
-    class_names,
     default_cache_dir,
     detect_columns,
     open_dataset,
     pick_split,
     resolve_dataset,
+    split_classes,
     split_identity,
-    split_labels,
     split_records,
 )
 from cifar_train.errors import UserError
+from cifar_train.wording import setting
 
 __all__ = ["DatasetSource", "DecodedSplit", "load_dataset_splits", "load_split", "load_splits", "stratified_subset"]
 
@@ -114,7 +115,8 @@ def _decode(rows: Any, split: str, image_column: str, label_column: str, *, skip
         skip_corrupt=skip_corrupt,
         say=say,
     )
-    labels = split_labels(rows, label_column)
+    where = f"{setting('data.label_column')} {label_column!r} of split {split!r}"
+    labels, names = split_classes(rows, label_column, where)
     return {
         "images": torch.from_numpy(decoded.images),
         "labels": torch.from_numpy(labels[decoded.kept]),
@@ -122,7 +124,7 @@ def _decode(rows: Any, split: str, image_column: str, label_column: str, *, skip
         "pixel_squares": torch.from_numpy(decoded.squares),
         "skipped": decoded.skipped,
         "skipped_files": decoded.skipped_files,
-        "class_names": class_names(rows.features[label_column], labels),
+        "class_names": names,
         "image_column": image_column,
         "label_column": label_column,
     }
@@ -265,7 +267,13 @@ def load_splits(
     say(_summary(name, train_split, train, keep, classes, train_how + limited))
     if val is not None:
         say(_summary(name, val_split, val, None, classes, val_how))
-        val_data = DecodedSplit(val["images"], val["labels"])
+        mapping = class_map(
+            val["class_names"], train["class_names"], what=f"the classes of split {val_split!r}",
+            target_what=f"those of split {train_split!r}",
+        )  # fmt: skip
+        val_data = DecodedSplit(
+            val["images"], val["labels"] if mapping is None else torch.from_numpy(mapping)[val["labels"]]
+        )
     elif held_out is not None:
         say(_summary(name, f"{train_split} held-out {val_fraction}", train, held_out, classes, f"seed {seed}"))
         val_data = _select(train, held_out)

@@ -97,6 +97,9 @@ def _check_request(facts, kinds, first_image, train_split, val_split, image_colu
         facts["image_column"], facts["label_column"] = pick_columns(kinds, image_column, label_column)
     except UserError as err:
         problems.append(str(err))
+    names = facts.pop("label_names", {}).get(facts["label_column"])
+    if names is not None:  # the picked column's classes (a string or integer column's are known only from its rows)
+        facts["class_names"] = names
     if first_image is not None:
         from cifar_train.data.decode import image_format, open_image
 
@@ -111,6 +114,7 @@ def _imagefolder(scan: FolderScan, facts: dict[str, Any], train_split: str) -> t
     if listing is None:
         raise ValueError("image files not laid out as <split>/<class>/<image> or <class>/<image>")
     facts.update(splits={split: len(files) for split, files in listing.files.items()}, class_names=listing.class_names)
+    facts["label_names"] = {"label": listing.class_names}
     files = listing.files.get(train_split) or next(iter(listing.files.values()))
     return {"image": "Image", "label": "ClassLabel"}, (None, files[0])
 
@@ -130,10 +134,15 @@ def _parquet(scan: FolderScan, facts: dict[str, Any], train_split: str) -> tuple
 
 
 def _read_features(facts: dict[str, Any], features: dict[str, Any]) -> tuple[dict[str, str], str | None]:
-    """`({column: feature type}, the first Image column)` from features as JSON; the class names into `facts`."""
-    kinds = {name: feature.get("_type", "Value") for name, feature in features.items()}
-    labels = [feature for feature in features.values() if feature.get("_type") == "ClassLabel"]
-    facts["class_names"] = list(labels[0]["names"]) if labels else None
+    """`({column: kind}, the first Image column)` from features as JSON (kinds as `source.feature_kind` gives them:
+    "Image", "ClassLabel", a plain value's dtype); each ClassLabel's names into `facts["label_names"]`."""
+    kinds = {
+        name: feature.get("dtype", "Value") if feature.get("_type") == "Value" else feature.get("_type", "Value")
+        for name, feature in features.items()
+    }
+    facts["label_names"] = {
+        name: list(feature["names"]) for name, feature in features.items() if feature.get("_type") == "ClassLabel"
+    }
     return kinds, next((name for name, kind in kinds.items() if kind == "Image"), None)
 
 

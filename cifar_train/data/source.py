@@ -20,20 +20,22 @@ from cifar_train.data.local import FolderScan, ImageFolderListing, scan_folder
 from cifar_train.digits import DIGITS_ALIAS, materialize_digits
 from cifar_train.errors import UserError, did_you_mean
 from cifar_train.hub import OFFLINE_REASON, hub_offline, hub_unavailable
+from cifar_train.wording import setting
 
 __all__ = [
     "DATASET_ALIASES",
-    "class_names",
+    "dataset_identity",
     "default_cache_dir",
     "detect_columns",
+    "feature_kind",
     "first_line",
     "known_pipeline",
     "open_dataset",
     "pick_columns",
     "pick_split",
     "resolve_dataset",
+    "split_classes",
     "split_identity",
-    "split_labels",
     "split_records",
 ]
 
@@ -66,6 +68,22 @@ def default_cache_dir() -> Path:
 def known_pipeline(dataset: str) -> str | None:
     """The pipeline of a dataset known by name (decoded "memory" or "streaming"), without touching it; else None."""
     return _KNOWN_PIPELINES.get(dataset)
+
+
+def dataset_identity(dataset: str) -> tuple[str, str | None]:
+    """`(name to show people, Hub id or None)` for `data.dataset` as a user gave it, touching nothing.
+
+    An alias shows as itself (`cifar10`, with its Hub id), a Hub id as itself, and a local folder by its own
+    name only: a path on the machine that trained is no dataset name for anyone else (and may say too much).
+    """
+    if dataset in DATASET_ALIASES:
+        return dataset, DATASET_ALIASES[dataset]
+    if dataset == DIGITS_ALIAS:
+        return "digits (scikit-learn's 8x8 handwritten digits)", None
+    looks_local = dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or Path(dataset).expanduser().exists()
+    if looks_local:
+        return f"{Path(dataset).expanduser().resolve().name or dataset} (a local copy)", None
+    return dataset, dataset
 
 
 def resolve_dataset(dataset: str) -> tuple[str, bool]:
@@ -214,50 +232,65 @@ def pick_split(splits: Any, split: str, setting: str) -> Any:
 
 def detect_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
     """Image and label column names, from a `datasets.Features` unless given explicitly."""
-    return pick_columns(
-        {name: type(feature).__name__ for name, feature in features.items()}, image_column, label_column
-    )
+    return pick_columns({name: feature_kind(feature) for name, feature in features.items()}, image_column, label_column)
+
+
+def feature_kind(feature: Any) -> str:
+    """ "Image", "ClassLabel", or a plain value's dtype ("int64", "string", "float32", ...), else the type's name."""
+    dtype = getattr(feature, "dtype", None)
+    return dtype if type(feature).__name__ == "Value" and isinstance(dtype, str) else type(feature).__name__
+
+
+_LABEL_KINDS = ("ClassLabel", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "string",
+                "large_string")  # fmt: skip
 
 
 def pick_columns(kinds: dict[str, str], image_column: str | None, label_column: str | None) -> tuple[str, str]:
-    """Image and label columns from `{column: feature type name}` ("Image", "ClassLabel", "Value", ...)."""
+    """Image and label columns from `{column: kind}` (`feature_kind`: "Image", "ClassLabel", "int64", ...).
+
+    Detected: the first Image column; the ClassLabel column (CIFAR-100: fine before coarse), else an integer or
+    string column with a usual label name (label, labels, class, target, ...). A named label column must hold
+    a ClassLabel, integers or strings (`cifar_train.data.classes`).
+    """
     listing = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
-    for given, role in ((image_column, "image"), (label_column, "label")):
+    for given, key in ((image_column, "data.image_column"), (label_column, "data.label_column")):
         if given is not None and given not in kinds:
-            raise UserError(
-                f"data.{role}_column: column {given!r} not found{did_you_mean(given, kinds)}; columns: {listing}"
-            )
+            hint = did_you_mean(given, kinds)
+            raise UserError(f"{setting(key)}: column {given!r} not found{hint}; columns: {listing}")
     if image_column is None:
         images = [name for name, kind in kinds.items() if kind == "Image"]
         if not images:
-            raise UserError(f"data.image_column: no Image column detected; columns: {listing}; name one explicitly")
+            raise UserError(
+                f"{setting('data.image_column')}: no Image column detected; columns: {listing}; name one explicitly"
+            )
         image_column = images[0]
     elif kinds[image_column] != "Image":
-        raise UserError(f"data.image_column: column {image_column!r} holds no images; columns: {listing}")
+        raise UserError(f"{setting('data.image_column')}: column {image_column!r} holds no images; columns: {listing}")
     if label_column is None:
-        labels = [name for name, kind in kinds.items() if kind == "ClassLabel"]
-        if not labels:
+        classlabels = [name for name, kind in kinds.items() if kind == "ClassLabel"]
+        named = [name for name in _PREFERRED_LABEL_COLUMNS if kinds.get(name) in _LABEL_KINDS]
+        candidates = [name for name in _PREFERRED_LABEL_COLUMNS if name in classlabels] + classlabels + named
+        if not candidates:
             raise UserError(
-                f"data.label_column: no ClassLabel column detected; columns: {listing}; name one explicitly"
+                f"{setting('data.label_column')}: no label column detected (a ClassLabel, or integers or strings "
+                f"named {', '.join(_PREFERRED_LABEL_COLUMNS)}); columns: {listing}; name one explicitly"
             )
-        preferred = [name for name in _PREFERRED_LABEL_COLUMNS if name in labels]
-        label_column = preferred[0] if preferred else labels[0]
+        label_column = candidates[0]
+    elif kinds[label_column] not in _LABEL_KINDS:
+        raise UserError(
+            f"{setting('data.label_column')}: column {label_column!r} holds {kinds[label_column]} values; labels "
+            "must be a ClassLabel, integers (class indices) or strings (class names)"
+        )
     return image_column, label_column
 
 
-def class_names(feature: Any, labels: np.ndarray) -> list[str]:
-    """The `ClassLabel`'s names, or "0".."max" for plain integer labels."""
-    import datasets
+def split_classes(split: Any, label_column: str, where: str) -> tuple[np.ndarray, list[str]]:
+    """The label column as int64 class indices in the split's row order, and the class names
+    (`cifar_train.data.classes`: a ClassLabel, integers or strings; anything else is refused)."""
+    from cifar_train.data.classes import encode_labels
 
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    count = int(labels.max()) + 1 if len(labels) else 0
-    return [str(index) for index in range(count)]
-
-
-def split_labels(split: Any, label_column: str) -> np.ndarray:
-    """The label column as int64, in the split's row order."""
-    return np.asarray(split.with_format("arrow")[label_column].to_numpy(), dtype=np.int64)
+    values = split.with_format("arrow")[label_column]
+    return encode_labels(values, split.features[label_column], label_column, where)
 
 
 def split_records(split: Any, image_column: str, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:

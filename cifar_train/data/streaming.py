@@ -15,23 +15,23 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from cifar_train import wording
 from cifar_train.data.batches import eval_block, pad_batch
+from cifar_train.data.classes import class_map
 from cifar_train.data.decode import image_format, open_image
 from cifar_train.data.decoded import DatasetSource
 from cifar_train.data.info import DatasetInfo, mean_std
 from cifar_train.data.sampler import ShardedBatchSampler
 from cifar_train.data.source import (
-    class_names,
     detect_columns,
     known_pipeline,
     pick_split,
-    split_labels,
+    split_classes,
     split_records,
 )
 from cifar_train.errors import UserError
@@ -86,34 +86,45 @@ def choose_pipeline(
 
 @dataclass
 class StreamingSplit:
-    """One split opened for streaming: its rows (image and label columns only) and the image mode."""
+    """One split opened for streaming: its rows (the image column and our class indices), classes, image mode."""
 
     name: str  # the resolved dataset
     split: str
-    rows: Any  # datasets.Dataset
+    rows: Any  # datasets.Dataset with the image column and "label" (int64 class indices)
     image_column: str
-    label_column: str
+    label_column: str  # the dataset's own label column the classes came from
     mode: str  # "RGB" or "L": every image is converted to the first one's
+    class_names: list[str]
 
     @classmethod
     def open(
-        cls, source: DatasetSource, split: str, *, setting: str, image_column: str | None, label_column: str | None
+        cls,
+        source: DatasetSource,
+        split: str,
+        *,
+        setting: str,
+        image_column: str | None,
+        label_column: str | None,
+        classes: Sequence[str] | None = None,
+        classes_of: str = "",
     ) -> StreamingSplit:
+        """Open `split`; with `classes` (another split's), its labels are matched to them by name."""
         rows = pick_split(source.splits, split, setting)
         image_column, label_column = detect_columns(rows.features, image_column, label_column)
         if len(rows) == 0:
             raise UserError(f"{setting}: split {split!r} of {source.name!r} holds no images")
         mode = image_format(open_image(split_records(rows, image_column, 0, 1)[0]))[0]
-        rows = rows.select_columns([image_column, label_column])
-        return cls(source.name, split, rows, image_column, label_column, mode)
+        where = f"{wording.setting('data.label_column')} {label_column!r} of split {split!r}"
+        labels, names = split_classes(rows, label_column, where)
+        if classes is not None:
+            mapping = class_map(names, classes, what=f"the classes of split {split!r}", target_what=classes_of)
+            labels, names = (labels if mapping is None else mapping[labels]), list(classes)
+        rows = rows.select_columns([image_column]).add_column(_LABELS, labels)
+        return cls(source.name, split, rows, image_column, label_column, mode, names)
 
     @property
     def channels(self) -> int:
         return 1 if self.mode == "L" else 3
-
-    @cached_property
-    def class_names(self) -> list[str]:
-        return class_names(self.rows.features[self.label_column], split_labels(self.rows, self.label_column))
 
     @property
     def num_classes(self) -> int:
@@ -122,18 +133,21 @@ class StreamingSplit:
     def transformed(self, transform: Any, rows: Any = None) -> Any:
         """The rows as a map-style dataset of `{"image": tensor, "label": int}`, decoded and transformed lazily."""
         rows = self.rows if rows is None else rows
-        return rows.with_transform(_Transform(self.image_column, self.label_column, self.mode, transform))
+        return rows.with_transform(_Transform(self.image_column, self.mode, transform))
+
+
+_LABELS = "__cifar_recipes_label"  # our int64 class indices, beside the dataset's image column
 
 
 class _Transform:
     """`with_transform`'s function: a batch of rows -> converted, transformed images (picklable for workers)."""
 
-    def __init__(self, image_column: str, label_column: str, mode: str, transform: Any) -> None:
-        self.image_column, self.label_column, self.mode, self.transform = image_column, label_column, mode, transform
+    def __init__(self, image_column: str, mode: str, transform: Any) -> None:
+        self.image_column, self.mode, self.transform = image_column, mode, transform
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         images = [image if image.mode == self.mode else image.convert(self.mode) for image in batch[self.image_column]]
-        return {"image": [self.transform(image) for image in images], "label": batch[self.label_column]}
+        return {"image": [self.transform(image) for image in images], "label": batch[_LABELS]}
 
 
 def _timm_transform(

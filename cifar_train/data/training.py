@@ -197,7 +197,10 @@ def _streaming_data(
         raise UserError(f'{where}; data.train_limit works with the in-memory pipeline only (data.pipeline = "memory")')
     train = StreamingSplit.open(source, train_split, setting="data.train_split", **columns)
     picked = dict(image_column=train.image_column, label_column=train.label_column)
-    val = StreamingSplit.open(source, val_split, setting="data.val_split", **picked)
+    those = f"those of split {train_split!r}"
+    val = StreamingSplit.open(
+        source, val_split, setting="data.val_split", classes=train.class_names, classes_of=those, **picked
+    )
     info = streaming_info(train, image_size=options["image_size"], eval_resize=options["eval_resize"], seed=seed)
     how = f"streaming (mean/std of {min(2048, len(train.rows)):,} training images, centre crops)"
     for split in (train, val):
