@@ -13,10 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["read_only_above", "write_atomic", "write_json_atomic", "write_text_atomic"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def read_only_above(path: str | os.PathLike) -> Path | None:
+    """The folder that stops `path` from being written (itself or the nearest existing folder above it, when
+    read-only: permissions or a read-only filesystem), or None when files can be made there."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        return existing
+    return None
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:

@@ -147,14 +147,14 @@ def _results_table(results: Mapping[str, Any]) -> list[str]:
 
 def render_model_card(facts: CardFacts) -> str:
     """The card's Markdown (see the module docstring)."""
-    name, hub_id = dataset_identity(facts.dataset)
+    name, hub_id, what = dataset_identity(facts.dataset)
     argument = hub_id if hub_id is not None else facts.dataset if "/" not in facts.dataset else "PATH"
     where = f" (PATH: your copy of {name})" if argument == "PATH" else ""
     env = [f"- {key}: `{facts.env[key]}`" for key in _ENV_SHOWN if facts.env.get(key) not in (None, "", [])]
     flips = " (add `--tta flip` for flip test-time augmentation)" if facts.trained_with_flips else ""
     card = [
         *_front_matter(facts, name, hub_id),
-        f"# {facts.run_name}: {facts.model_name} trained on {name}",
+        f"# {facts.run_name}: {facts.model_name} trained on {name} ({what})",
         "",
         f"An image classifier (`{facts.model_name}`, {facts.num_params:,} parameters) trained with cifar-recipes "
         "(timm + Hugging Face Accelerate; a re-creation of `hysts/pytorch_image_classification`). The recipe "

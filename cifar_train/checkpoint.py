@@ -23,8 +23,17 @@ from typing import Any
 from accelerate import Accelerator
 
 from .errors import UserError
+from .wording import option
 
-__all__ = ["TrainState", "checkpoint_problem", "find_checkpoints", "load_checkpoint", "save_checkpoint", "seal"]
+__all__ = [
+    "TrainState",
+    "checkpoint_problem",
+    "find_checkpoints",
+    "load_checkpoint",
+    "newest_state",
+    "save_checkpoint",
+    "seal",
+]
 
 STATE_FILE = "train_state.json"
 COMPLETE_MARKER = "COMPLETE"  # JSON manifest {"files": {name: {"bytes": n, "sha256": hex}}}
@@ -43,8 +52,10 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss (nonfinite_loss = "skip")
     elapsed_seconds: float = 0.0  # training time before this checkpoint
     best_val_acc1: float = 0.0
-    running: dict[str, Any] = field(default_factory=dict)  # this process's `RunningMetrics` of the current epoch
+    running: dict[str, Any] = field(default_factory=dict)  # `RunningMetrics` of the current epoch, all processes
     scheduler: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)  # what the model's outputs mean, in order
+    num_processes: int = 0  # processes that trained up to here (0: not recorded; the RNG files tell)
 
 
 def find_checkpoints(run_dir: Path) -> list[Path]:
@@ -138,15 +149,17 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, log=print) -> Train
     checkpoints = find_checkpoints(run_dir)
     if not checkpoints:
         raise UserError(
-            f"--resume {str(run_dir)!r}: no complete checkpoint in {str(Path(run_dir) / 'checkpoints')!r}; "
-            "start the run again with --overwrite"
+            f"{option('resume', run_dir)}: no complete checkpoint in {str(Path(run_dir) / 'checkpoints')!r}; "
+            f"start the run again with {option('overwrite')}"
         )
     for checkpoint in reversed(checkpoints):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             try:
                 state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
-                _check_rng_file(checkpoint, accelerator.process_index)
+                state.num_processes = _saved_processes(checkpoint)
+                if accelerator.process_index < state.num_processes:  # a process beyond them has no RNG file
+                    _check_rng_file(checkpoint, accelerator.process_index)
                 accelerator.load_state(str(checkpoint))
             except Exception as err:  # anything unreadable, including a pickle that weights_only refuses
                 problem = f"{type(err).__name__}: {_first_line(err)}"
@@ -157,8 +170,24 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, log=print) -> Train
             log(f"using checkpoint {checkpoint.name}")
         return state
     raise UserError(
-        f"--resume {str(run_dir)!r}: every checkpoint is damaged (see above); start the run again with --overwrite"
+        f"{option('resume', run_dir)}: every checkpoint is damaged (see above); start the run again with "
+        f"{option('overwrite')}"
     )
+
+
+def _saved_processes(checkpoint: Path) -> int:
+    """How many processes wrote the checkpoint: Accelerate saves one RNG file per process."""
+    return len(list(checkpoint.glob("random_states_*.pkl")))
+
+
+def newest_state(run_dir: Path) -> TrainState | None:
+    """The loop state of the run's newest readable checkpoint, read without loading it (None when there is none)."""
+    for checkpoint in reversed(find_checkpoints(run_dir)):
+        try:
+            return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # damaged: load_checkpoint reports it
+    return None
 
 
 def _check_rng_file(checkpoint: Path, process_index: int) -> None:

@@ -63,8 +63,8 @@ def _recipe_and_run_dir(args: argparse.Namespace):
         run_dir = Path(args.resume)
         if args.output_dir and Path(args.output_dir) != run_dir:
             raise UserError(f"--output-dir {args.output_dir!r} and --resume {args.resume!r} name different runs")
-        if args.overrides and not args.recipe:
-            raise UserError("--set with --resume needs the recipe too; the resumed run must match it")
+        if args.overrides and not args.recipe:  # the run's own recipe, changed (only train.epochs may change)
+            return read(str(run_dir / "recipe.toml")) if (run_dir / "recipe.toml").is_file() else None, run_dir
         return (read(args.recipe) if args.recipe else None), run_dir
     if not args.recipe:
         raise UserError(
@@ -116,12 +116,16 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", help="run directory, local-dir:PATH or hf-hub:ID")
     parser.add_argument("--dataset", help="Hub id, alias or local path (default: the run's recipe)")
     parser.add_argument("--split", help="split to evaluate (default: the run's validation split, else 'test')")
+    parser.add_argument("--image-column", help="image column (default: the run's, else detected)")
+    parser.add_argument("--label-column", help="label column (default: the run's, else detected)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: flip averages image and mirror")
     parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl", help="write per-sample predictions")
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
+    parser.add_argument("--json", action="store_true", help="print one JSON line, nothing else (and write no file)")
     parser.add_argument(
-        "--out-dir", type=Path, help="where to write the metrics JSON and confusion PNG (default: RUN/eval)"
+        "--out-dir",
+        type=Path,
+        help="where to write the metrics JSON and confusion PNG (default: RUN/eval for a run directory, else none)",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks")

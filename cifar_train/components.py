@@ -30,7 +30,9 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_fit",
     "check_model",
+    "check_push",
     "check_trackers",
     "launched_processes",
     "make_accelerator",
@@ -125,13 +127,60 @@ def check_trackers(trackers: Sequence[str]) -> None:
             raise UserError(f"log.trackers: {name!r} is not installed; pip install it or remove it from the recipe")
 
 
+def check_push(push_to: str | None) -> None:
+    """`hub.push_to` can be honoured at the end of the run: a repository id, the Hub reachable, a token known.
+
+    Checked before training, so a run of hours does not end in a failed upload (the run's files stay either way).
+    """
+    if not push_to:
+        return
+    from .hub import check_hub_reachable
+    from .push import check_repo_id
+
+    check_repo_id(push_to, "hub.push_to")
+    check_hub_reachable(f"hub.push_to = {push_to!r}")
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise UserError(
+            f"hub.push_to = {push_to!r} needs a Hugging Face token to upload at the end: log in with "
+            "`hf auth login` or set HF_TOKEN (or remove hub.push_to and push later with python -m cifar_train.push)"
+        )
+
+
+def check_fit(recipe: Recipe, *, num_classes: int | None, image_size: Sequence[int] | None) -> None:
+    """Settings that make no sense for this data: fewer than two classes, a Cutout or crop padding as large as
+    the images. `num_classes` / `image_size` (H, W) are None where not known yet (a dry run of a Hub dataset)."""
+    if num_classes is not None and num_classes < 2:
+        raise UserError(
+            f"the dataset has {num_classes} class(es); a classifier needs at least 2 (check data.label_column, or "
+            "the class folders of an imagefolder)"
+        )
+    if not image_size:
+        return
+    a, side = recipe.augment, min(image_size)
+    shape = "x".join(map(str, image_size))
+    if a.cutout > side:
+        raise UserError(
+            f"augment.cutout = {a.cutout} is larger than the {shape} images (the whole image could be cut out); "
+            f"choose at most {side} (the seed used 16 on 32x32 CIFAR)"
+        )
+    if a.random_crop and a.crop_padding >= side:
+        raise UserError(
+            f"augment.crop_padding = {a.crop_padding} is not smaller than the {shape} images (a crop could hold "
+            f"no image at all); choose at most {side - 1} (the seed used 4 on 32x32 CIFAR)"
+        )
+
+
 def preflight(recipe: Recipe, num_processes: int) -> int:
     """Everything checkable before data, in the order a user would fix it; returns the per-process batch."""
     check_model(recipe.model.name, recipe.model.kwargs)
     check_optimizer(recipe.optim.name)
     check_trackers(recipe.log.trackers)
     t = recipe.train
-    return per_process_batch(t.batch_size, num_processes, subdivision=t.subdivision, mix=recipe.augment.mix)
+    per_process = per_process_batch(t.batch_size, num_processes, subdivision=t.subdivision, mix=recipe.augment.mix)
+    check_push(recipe.hub.push_to)
+    return per_process
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:

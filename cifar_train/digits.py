@@ -38,6 +38,14 @@ def materialize_digits(root: Path) -> Path:
     import datasets
     from PIL import Image
 
+    from .atomic import read_only_above
+
+    blocked = read_only_above(root)
+    if blocked is not None:
+        raise UserError(
+            f'data.dataset = "digits" is written once into the decode cache, but {str(blocked)!r} is read-only; '
+            "set data.cache_dir or $CIFAR_RECIPES_CACHE to a writable folder"
+        )
     bunch = load_digits()
     pixels = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(pixels))

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ from cifar_train.data.classes import class_map
 from cifar_train.errors import UserError
 from cifar_train.hub import check_hub_reachable
 from cifar_train.losses import classification_sums
+from cifar_train.rounding import readable
 from cifar_train.rundir import CONFIG_FILE, RECIPE_FILE, WEIGHTS_FILE
+from cifar_train.wording import option, speaking
 
 __all__ = [
     "ECE_BINS",
@@ -41,6 +43,7 @@ __all__ = [
     "expected_calibration_error",
     "load_model",
     "predict",
+    "resolve_source",
 ]
 
 ECE_BINS = 15  # equal-width confidence bins
@@ -104,7 +107,7 @@ def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, class_names: 
 # Model and data
 
 
-def _resolve_source(source: str) -> tuple[str, Path | None]:
+def resolve_source(source: str) -> tuple[str, Path | None]:
     """`(timm model name, run directory or None)` for a run directory, `local-dir:PATH` or `hf-hub:ID`."""
     if source.startswith("hf-hub:"):
         if not source[len("hf-hub:") :].strip("/"):
@@ -129,7 +132,7 @@ def load_model(source: str) -> nn.Module:
 
     import cifar_models  # noqa: F401  (registers the CIFAR architectures a config may name)
 
-    name, _ = _resolve_source(source)
+    name, _ = resolve_source(source)
     if name.startswith("hf-hub:") and not _in_hf_cache(name[len("hf-hub:") :]):
         check_hub_reachable(f"source {source!r}")
     try:
@@ -167,13 +170,16 @@ def _load_data(
     split: str | None,
     recipe: Any,
     model: nn.Module,
+    image_column: str | None,
+    label_column: str | None,
+    say: Callable[[str], None],
 ) -> EvalData:
     from cifar_train import data as data_lib
 
     cfg = recipe.data if recipe is not None else None
     columns = dict(
-        image_column=(cfg.image_column or None) if cfg else None,
-        label_column=(cfg.label_column or None) if cfg else None,
+        image_column=image_column or ((cfg.image_column or None) if cfg else None),
+        label_column=label_column or ((cfg.label_column or None) if cfg else None),
     )
     options = dict(
         columns, cache_dir=(cfg.cache_dir or None) if cfg else None, skip_corrupt=bool(cfg and cfg.skip_corrupt)
@@ -185,23 +191,27 @@ def _load_data(
             val_split=None,
             val_fraction=cfg.val_fraction,
             seed=recipe.train.seed,
-            say=_note,
+            say=say,
             **options,
         )
         return _memory_data(
             val, info, f"{cfg.train_split}[held-out {cfg.val_fraction}, seed {recipe.train.seed}]", model
         )
-    setting = "--split" if split is not None or cfg is None else "data.val_split"
+    setting = (
+        option("split")
+        if split is not None or cfg is None
+        else f"{option('split')} (default: the run's data.val_split)"
+    )
     split = split or (cfg.val_split if cfg else "test")
     source = data_lib.DatasetSource(dataset, options["cache_dir"])
     pipeline = data_lib.choose_pipeline(source, train_split=split, skip_corrupt=options["skip_corrupt"], **columns)
     if pipeline == "streaming":
         return _streaming_data(source, split=split, setting=setting, model=model, columns=columns)
-    val, info = data_lib.load_split(source, split=split, setting=setting, say=_note, **options)
+    val, info = data_lib.load_split(source, split=split, setting=setting, say=say, **options)
     return _memory_data(val, info, split, model)
 
 
-def _note(line: str) -> None:
+def note(line: str) -> None:
     """What was loaded, on stderr: stdout may be one JSON line (--json)."""
     print(line, file=sys.stderr)
 
@@ -296,31 +306,41 @@ def evaluate_with_predictions(
     batch_size: int,
     tta: str | None,
     device: str | torch.device | None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    say: Callable[[str], None] = note,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, Path | None]:
+    """`evaluate()`, also returning the log-probabilities, the labels (in the model's classes) and the run directory."""
+    with speaking(command="evaluate"):
+        return _evaluate(source, dataset, split, batch_size, tta, device, image_column, label_column, say)
+
+
+def _evaluate(source, dataset, split, batch_size, tta, device, image_column, label_column, say):
     from cifar_train.recipe import load_recipe
 
     if tta is not None and tta not in TTA_MODES:
-        raise UserError(f"--tta {tta!r} is not supported; choose one of {', '.join(TTA_MODES)}")
+        raise UserError(f"{option('tta', tta)} is not supported; choose one of {', '.join(TTA_MODES)}")
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
-    _, run_dir = _resolve_source(source)
+        raise UserError(f"{option('batch_size')} {batch_size} must be at least 1")
+    _, run_dir = resolve_source(source)
     recipe = None
     if run_dir is not None and (run_dir / RECIPE_FILE).is_file():
         recipe = load_recipe(run_dir / RECIPE_FILE, on_warning=lambda message: None)
         if tta == "flip" and not recipe.augment.hflip:
             print(
-                "warning: --tta flip on a model trained without horizontal flips (augment.hflip = false) "
-                "usually lowers its accuracy; it sees mirrored images it never learnt",
+                f"warning: {option('tta', 'flip')} on a model trained without horizontal flips (augment.hflip = "
+                "false) usually lowers its accuracy; it sees mirrored images it never learnt",
                 file=sys.stderr,
             )
     if dataset is None:
         if recipe is None:
-            raise UserError(f"source {source!r} has no {RECIPE_FILE} to name its dataset; pass --dataset")
+            raise UserError(f"source {source!r} has no {RECIPE_FILE} to name its dataset; pass {option('dataset')}")
         dataset = recipe.data.dataset
     elif recipe is not None and dataset != recipe.data.dataset:
         recipe = None  # another dataset: the run's split and column settings do not apply
     model = load_model(source)
-    data = _load_data(dataset, split=split, recipe=recipe, model=model)
+    columns = dict(image_column=image_column, label_column=label_column)
+    data = _load_data(dataset, split=split, recipe=recipe, model=model, say=say, **columns)
     classes = model_classes(model)
     mapping = class_map(
         data.class_names, classes, what=f"the classes of {data.dataset!r} [{data.split}]", target_what="the model's"
@@ -359,7 +379,7 @@ def evaluate_with_predictions(
         "seconds": seconds,
         "images_per_second": len(labels) / seconds if seconds > 0 else None,
     }
-    return result, log_probs, labels, run_dir
+    return readable(result), log_probs, labels, run_dir
 
 
 def evaluate(
@@ -369,6 +389,8 @@ def evaluate(
     batch_size: int = 256,
     tta: str | None = None,
     device: str | torch.device | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `source` (run directory, `local-dir:PATH`, `hf-hub:ID`) and return the metrics.
 
@@ -378,6 +400,7 @@ def evaluate(
     """
     source = os.fspath(source)
     result, _, _, _ = evaluate_with_predictions(
-        source, dataset=dataset, split=split, batch_size=batch_size, tta=tta, device=device
-    )
+        source, dataset=dataset, split=split, batch_size=batch_size, tta=tta, device=device,
+        image_column=image_column, label_column=label_column,
+    )  # fmt: skip
     return result

@@ -21,12 +21,13 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint, newest_state, save_checkpoint
 from .components import (
     build_augment,
     build_model,
     build_optimizer,
     build_scheduler,
+    check_fit,
     launched_processes,
     make_accelerator,
     preflight,
@@ -40,6 +41,7 @@ from .recipe import flatten_recipe, recipe_to_toml
 from .rundir import RunDirectory, collect_env, resumed_recipe
 from .schema import Recipe, section_kwargs
 from .step import TrainStep
+from .wording import option, speaking
 
 __all__ = ["train", "train_one_epoch", "validate"]
 
@@ -60,68 +62,78 @@ def train(
     own recipe.toml is used; when given it must equal it). `recipe_file` and `overrides` are recorded in
     env.json (the command line passes them), so a result can name the command that made it.
     """
-    recipe = resumed_recipe(recipe, Path(output_dir)) if resume else recipe
-    t = recipe.train
-    per_process_batch = preflight(recipe, launched_processes())  # before anything is built
-    accelerator = make_accelerator(
-        precision=t.precision,
-        grad_accum_steps=t.grad_accum_steps,
-        trackers=recipe.log.trackers,
-        project_dir=str(output_dir),
-    )
-    say = log or accelerator.print
-    run = RunDirectory(output_dir, resume=resume, overwrite=overwrite)  # checked last, written first below
+    with speaking(command="train"), _signals() as signals:
+        recipe = resumed_recipe(recipe, Path(output_dir)) if resume else recipe
+        t = recipe.train
+        per_process_batch = preflight(recipe, launched_processes())  # before anything is built
+        accelerator = make_accelerator(
+            precision=t.precision,
+            grad_accum_steps=t.grad_accum_steps,
+            trackers=recipe.log.trackers,
+            project_dir=str(output_dir),
+        )
+        say = log or accelerator.print
+        run = RunDirectory(output_dir, resume=resume, overwrite=overwrite)  # checked last, written first below
 
-    set_seed(t.seed)
-    with accelerator.local_main_process_first():  # one process per machine fills the decode cache first
-        data = open_training_data(**section_kwargs(recipe.data), seed=t.seed, say=say)
-    model = build_model(recipe, num_classes=data.info.num_classes, in_chans=data.info.channels)
-    model = model.to(accelerator.device, memory_format=_memory_format(recipe))
-    optimizer = build_optimizer(model, recipe)  # after the move: fused kernels are chosen by device
+        set_seed(t.seed)
+        classes = (newest_state(run.path) or TrainState()).class_names or None if resume else None
+        with accelerator.local_main_process_first():  # one process per machine fills the decode cache first
+            data = open_training_data(**section_kwargs(recipe.data), seed=t.seed, say=say, classes=classes)
+        check_fit(recipe, num_classes=data.info.num_classes, image_size=data.info.image_size)
+        model = build_model(recipe, num_classes=data.info.num_classes, in_chans=data.info.channels)
+        model = model.to(accelerator.device, memory_format=_memory_format(recipe))
+        optimizer = build_optimizer(model, recipe)  # after the move: fused kernels are chosen by device
+        batches, val_batches = _batch_sources(accelerator, data, recipe, per_process_batch)
+        scheduler = build_scheduler(optimizer, recipe, len(batches) // t.grad_accum_steps)
+        set_seed(t.seed + accelerator.process_index)  # augmentation and dropout streams differ per process
+
+        progress = EpochProgress(enabled=accelerator.is_main_process and recipe.log.progress)
+        with run, progress, _tracking(accelerator):
+            env = collect_env(accelerator, recipe_file=recipe_file, overrides=overrides)
+            run.open(main_process=accelerator.is_main_process, recipe_toml=recipe_to_toml(recipe), env=env)
+            accelerator.wait_for_everyone()
+            model, optimizer = accelerator.prepare(model, optimizer)
+            step = _train_step(accelerator, model, optimizer, recipe)
+            state, history = _start_state(accelerator, run, step, scheduler, resume, say, seed=t.seed)
+            accelerator.init_trackers(run.path.name, config=flatten_recipe(recipe))
+            save = _checkpointer(accelerator, run, step, scheduler, data.info.class_names, keep=t.keep_checkpoints)
+            signals.training()  # from here on a signal is a stop request: checkpoint at the next read, then stop
+            for epoch in range(state.epoch, t.epochs):
+                started = time.perf_counter()
+                row, stop_now = train_one_epoch(
+                    step,
+                    batches,
+                    scheduler,
+                    state,
+                    epoch=epoch,
+                    epochs=t.epochs,
+                    every_steps=recipe.log.every_steps,
+                    progress=progress,
+                    stop=signals.requested,
+                    save=save,
+                )
+                if epoch + 1 == t.epochs or (epoch + 1) % t.eval_every == 0:
+                    row.update(validate(accelerator, step.eval_model, val_batches, recipe.model.channels_last))
+                    state.best_val_acc1 = max(state.best_val_acc1, row["val_acc1"])
+                row["epoch_seconds"] = time.perf_counter() - started
+                checkpoint = _end_epoch(accelerator, run, state, row, history, progress, save, t, stop_now)
+                if stop_now:
+                    raise Interrupted(signals.first(), checkpoint)
+            return _finish(accelerator, run, model, recipe, data.info, state, history)
+
+
+def _batch_sources(accelerator: Accelerator, data: Any, recipe: Recipe, per_process_batch: int) -> tuple[Any, Any]:
+    """This process's training and validation batch sources; refused when a batch is larger than the data."""
+    t = recipe.train
     shard = dict(num_replicas=accelerator.num_processes, rank=accelerator.process_index, device=accelerator.device)
     batches = data.train_batches(build_augment(recipe, data.info), batch_size=per_process_batch, seed=t.seed, **shard)
     val_batches = data.val_batches(batch_size=max(1, t.val_batch_size // accelerator.num_processes), **shard)
-    steps_per_epoch = len(batches) // t.grad_accum_steps
-    if steps_per_epoch == 0:
+    if len(batches) // t.grad_accum_steps == 0:
         raise UserError(
             f"train.batch_size = {t.batch_size} x train.grad_accum_steps = {t.grad_accum_steps} is "
             f"larger than the training set ({data.info.name})"
         )
-    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
-    set_seed(t.seed + accelerator.process_index)  # augmentation and dropout streams differ per process
-
-    progress = EpochProgress(enabled=accelerator.is_main_process and recipe.log.progress)
-    with run, _stop_requests() as stop, progress, _tracking(accelerator):
-        env = collect_env(accelerator, recipe_file=recipe_file, overrides=overrides)
-        run.open(main_process=accelerator.is_main_process, recipe_toml=recipe_to_toml(recipe), env=env)
-        accelerator.wait_for_everyone()
-        model, optimizer = accelerator.prepare(model, optimizer)
-        step = _train_step(accelerator, model, optimizer, recipe)
-        state, history = _start_state(accelerator, run, step, scheduler, resume, say)
-        accelerator.init_trackers(run.path.name, config=flatten_recipe(recipe))
-        save = _checkpointer(accelerator, run, step, scheduler, keep=t.keep_checkpoints)
-        for epoch in range(state.epoch, t.epochs):
-            started = time.perf_counter()
-            row, stop_now = train_one_epoch(
-                step,
-                batches,
-                scheduler,
-                state,
-                epoch=epoch,
-                epochs=t.epochs,
-                every_steps=recipe.log.every_steps,
-                progress=progress,
-                stop=stop,
-                save=save,
-            )
-            if epoch + 1 == t.epochs or (epoch + 1) % t.eval_every == 0:
-                row.update(validate(accelerator, step.eval_model, val_batches, recipe.model.channels_last))
-                state.best_val_acc1 = max(state.best_val_acc1, row["val_acc1"])
-            row["epoch_seconds"] = time.perf_counter() - started
-            checkpoint = _end_epoch(accelerator, run, state, row, history, progress, save, recipe.train, stop_now)
-            if stop_now:
-                raise Interrupted(stop[0] if stop else signal.SIGTERM, checkpoint)
-        return _finish(accelerator, run, model, recipe, data.info, state, history)
+    return batches, val_batches
 
 
 def _train_step(accelerator: Accelerator, model: nn.Module, optimizer, recipe: Recipe) -> TrainStep:
@@ -216,7 +228,8 @@ def _check_finite(summary: dict[str, Any], state: TrainState, policy: str) -> No
     if policy == "stop" and summary["nonfinite"]:
         raise NonFiniteLoss(
             f"the loss is not finite (NaN or inf) at step {summary['first_nonfinite']} (seen at the metrics read after "
-            f"step {state.global_step}); stopping. The last good checkpoint is kept (resume with --resume; set "
+            f"step {state.global_step}); stopping. The last good checkpoint is kept (resume with "
+            f"{option('resume', 'RUN_DIR')}; set "
             'train.nonfinite_loss = "skip" to skip such steps, or lower optim.lr)'
         )
 
@@ -256,25 +269,40 @@ def _end_epoch(accelerator, run, state, row, history, progress, save, t, stop_no
     return None
 
 
-def _checkpointer(accelerator, run, step, scheduler, *, keep: int) -> Callable[[TrainState], Path | None]:
+def _checkpointer(accelerator, run, step, scheduler, classes, *, keep: int) -> Callable[[TrainState], Path | None]:
     def save(state: TrainState) -> Path | None:
         state.scheduler = scheduler.state_dict()
-        state.running = step.metrics.state_dict()
+        state.running = step.metrics.state_dict(accelerator)  # every process's sums together
+        state.class_names, state.num_processes = list(classes), accelerator.num_processes
         return save_checkpoint(accelerator, run.path, state, keep=keep)
 
     return save
 
 
-def _start_state(accelerator, run, step, scheduler, resume: bool, say) -> tuple[TrainState, list[dict[str, Any]]]:
-    """A fresh state, or the newest loadable checkpoint's (metrics after it are forgotten)."""
+def _start_state(
+    accelerator, run, step, scheduler, resume: bool, say, *, seed: int
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """A fresh state, or the newest loadable checkpoint's (metrics after it are forgotten).
+
+    A checkpoint written by another number of processes continues with the same data order (a global batch
+    holds the same images however many processes share it) but with new random streams for augmentation and
+    dropout: there is no saved stream for a process that did not exist, so no process keeps its old one.
+    """
     if not resume:
         return TrainState(), []
     state = load_checkpoint(accelerator, run.path, log=say)
     scheduler.load_state_dict(state.scheduler)
     if state.running:
-        step.metrics.load_state_dict(state.running)
+        step.metrics.load_state_dict(state.running, main_process=accelerator.is_main_process)
     history = run.truncate_metrics(state.epoch) if accelerator.is_main_process else []
     say(f"resuming {run.path} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.global_step}")
+    if state.num_processes != accelerator.num_processes:
+        say(
+            f"warning: the checkpoint was written by {state.num_processes} process(es), this run has "
+            f"{accelerator.num_processes}: the data order continues exactly, but the augmentation and dropout random "
+            "streams start afresh, so the result is no longer bit-exact with an uninterrupted run"
+        )
+        set_seed((seed * 1_000_003 + state.global_step * 1_009 + accelerator.process_index) % 2**32)
     return state, history
 
 
@@ -328,17 +356,33 @@ def _tracking(accelerator: Accelerator) -> Iterator[None]:
         accelerator.end_training()
 
 
+class _Signals:
+    """SIGINT/SIGTERM while starting end the start-up at once (`Interrupted` with no checkpoint: the run directory
+    is left as it was); once `training()` is called they are only noted, and the loop checkpoints and stops at
+    its next read."""
+
+    def __init__(self) -> None:
+        self.requested: list[int] = []
+        self._training = False
+
+    def training(self) -> None:
+        self._training = True
+
+    def first(self) -> int:
+        return self.requested[0] if self.requested else signal.SIGTERM
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if not self._training:
+            raise Interrupted(signum, None)
+        self.requested.append(signum)
+
+
 @contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """SIGINT/SIGTERM are noted, not acted on: the loop checkpoints and stops at its next read."""
-    requested: list[int] = []
-
-    def handler(signum, frame):
-        requested.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+def _signals() -> Iterator[_Signals]:
+    signals = _Signals()
+    previous = {s: signal.signal(s, signals.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested
+        yield signals
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .components import check_model, launched_processes, preflight, resolve_precision
+from .components import check_fit, check_model, launched_processes, preflight, resolve_precision
 from .errors import UserError
 from .rundir import RunDirectory, resumed_recipe
 from .schedule import schedule_curve
@@ -62,7 +62,10 @@ def make_plan(recipe: Recipe | None, run_dir: Path, *, resume: bool = False, ove
         d.dataset, train_split=d.train_split, val_split=d.val_split, image_column=d.image_column,
         label_column=d.label_column,
     )  # fmt: skip
+    if dataset["problems"]:  # what the real start would refuse when it opens the data
+        raise UserError(dataset["problems"][0])
     num_classes, channels = dataset.get("num_classes"), dataset.get("channels")
+    check_fit(recipe, num_classes=num_classes, image_size=dataset.get("image_size"))
     params = check_model(recipe.model.name, recipe.model.kwargs, num_classes=num_classes, in_chans=channels)
     train_images = (dataset.get("splits") or {}).get(d.train_split)
     if train_images is not None and d.train_limit:

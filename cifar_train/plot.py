@@ -62,6 +62,14 @@ def plot_runs(
         raise UserError("plotting needs matplotlib: pip install 'cifar-recipes[plots]'") from None
     if not run_dirs:
         raise UserError("give at least one run directory to plot")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if Path(out).suffix.lstrip(".").lower() not in kinds:
+        raise UserError(
+            f"--out {str(out)!r}: matplotlib cannot write {Path(out).suffix or 'a file without an extension'}; "
+            f"name the file .png, .pdf or .svg (or one of {', '.join(sorted(kinds))})"
+        )
     names = list(names) if names else [_run_name(run) for run in run_dirs]
     if len(names) != len(run_dirs):
         raise UserError(f"{len(names)} names for {len(run_dirs)} runs; give one name per run")

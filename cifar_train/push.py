@@ -21,7 +21,7 @@ from cifar_train.errors import UserError
 from cifar_train.hub import check_hub_reachable
 from cifar_train.rundir import EXPORT_FILES
 
-__all__ = ["UPLOAD_FILES", "check_run_dir", "push_run"]
+__all__ = ["UPLOAD_FILES", "check_repo_id", "check_run_dir", "push_run"]
 
 UPLOAD_FILES = EXPORT_FILES
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -49,10 +49,14 @@ def check_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def check_repo_id(repo_id: str, what: str = "repository id") -> None:
+    if not _REPO_ID.match(repo_id):
+        raise UserError(f"{what} {repo_id!r} must look like 'user/name' (letters, digits, '-', '_', '.')")
+
+
 def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
     """Upload the run's weights, config and model card to `repo_id`; returns the repository URL."""
-    if not _REPO_ID.match(repo_id):
-        raise UserError(f"repository id {repo_id!r} must look like 'user/name' (letters, digits, '-', '_', '.')")
+    check_repo_id(repo_id)
     run_dir = check_run_dir(Path(run_dir))
     check_hub_reachable(f"push to {repo_id!r}")
 

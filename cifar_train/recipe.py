@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import UserError, did_you_mean
 from .schema import SECTIONS, Findings, Recipe, check_fields, section_kwargs, toml_key, toml_value
+from .wording import override
 
 __all__ = [
     "RecipeWarning",
@@ -133,10 +134,10 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UserError(f"--set {item!r} is not of the form section.key=value (e.g. --set optim.lr=0.2)")
+            raise UserError(f"{override(item)} is not of the form section.key=value (e.g. optim.lr=0.2)")
         path = key.split(".")
         if len(path) < 2 or not all(path):
-            raise UserError(f"--set {item!r}: the key must be section.key, e.g. train.epochs; got {key!r}")
+            raise UserError(f"{override(item)}: the key must be section.key, e.g. train.epochs; got {key!r}")
         parsed.append((path, _parse_value(text.strip())))
     return parsed
 
@@ -144,14 +145,14 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
 def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     section, key, *rest = path
     if section not in SECTIONS:
-        raise UserError(f"--set {'.'.join(path)}: unknown section [{section}]{did_you_mean(section, SECTIONS)}")
+        raise UserError(f"{override('.'.join(path))}: unknown section [{section}]{did_you_mean(section, SECTIONS)}")
     names = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if key not in names:
-        raise UserError(f"--set {'.'.join(path)}: unknown key {section}.{key}{did_you_mean(key, names)}")
+        raise UserError(f"{override('.'.join(path))}: unknown key {section}.{key}{did_you_mean(key, names)}")
     target = data.setdefault(section, {})
     if rest:
         if (section, key) != ("model", "kwargs"):
-            raise UserError(f"--set {'.'.join(path)}: {section}.{key} has no sub-keys")
+            raise UserError(f"{override('.'.join(path))}: {section}.{key} has no sub-keys")
         target = target.setdefault("kwargs", {})
         for part in rest[:-1]:
             target = target.setdefault(part, {})

@@ -26,7 +26,8 @@ from typing import Any
 from .atomic import write_atomic, write_text_atomic
 from .errors import UserError
 from .recipe import parse_overrides
-from .rundir import EXPORT_FILES, WEIGHTS_FILE, read_metrics
+from .rounding import readable
+from .rundir import CONFIG_FILE, EXPORT_FILES, MODEL_CARD_FILE, WEIGHTS_FILE, read_metrics
 
 __all__ = [
     "canonical_overrides",
@@ -252,7 +253,7 @@ def collect(
         path = out / record_filename(record)
         if with_weights:
             record["weights"] = _copy_weights(run_dir, out / "weights" / path.stem)
-        written.append((path, write_json_if_changed(path, record)))
+        written.append((path, write_json_if_changed(path, readable(record))))
     return written
 
 
@@ -273,15 +274,22 @@ def _check_committable(run_dir: Path) -> None:
 
 
 def _copy_weights(run_dir: Path, folder: Path) -> str:
-    """Copy the export into `folder` (atomically per file); the record's `weights` line naming it."""
-    for name in EXPORT_FILES:
-        if (folder / name).is_file() and filecmp.cmp(run_dir / name, folder / name, shallow=False):
-            continue  # collected before: left untouched, as an unchanged record is
-        write_atomic(folder / name, lambda temporary, source=run_dir / name: shutil.copyfile(source, temporary))
+    """Copy the weights and config into `folder` (atomically per file) and write the model card there, its loading
+    line naming `folder` (the run directory's card names the run directory, which a reader of the repository does
+    not have); returns the record's `weights` line."""
+    from .card import card_facts, render_model_card
+
     try:
         shown = folder.resolve().relative_to(ROOT).as_posix()
     except ValueError:  # a records folder outside this checkout
         shown = str(folder)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if (folder / name).is_file() and filecmp.cmp(run_dir / name, folder / name, shallow=False):
+            continue  # collected before: left untouched, as an unchanged record is
+        write_atomic(folder / name, lambda temporary, source=run_dir / name: shutil.copyfile(source, temporary))
+    card = render_model_card(card_facts(run_dir, location=shown))
+    if not (folder / MODEL_CARD_FILE).is_file() or (folder / MODEL_CARD_FILE).read_text(encoding="utf-8") != card:
+        write_text_atomic(folder / MODEL_CARD_FILE, card)
     load = f"timm.create_model('local-dir:{shown}', pretrained=True)"
     return f"Committed in {shown}/: {load} after `import cifar_models`."
 

@@ -3,6 +3,7 @@ per-sample predictions. The numbers themselves come from `cifar_train.evaluation
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,10 +11,20 @@ from typing import Any
 
 import torch
 
-from .atomic import write_atomic, write_json_atomic, write_text_atomic
-from .evaluation import ECE_BINS, evaluate_with_predictions
+from .atomic import read_only_above, write_atomic, write_json_atomic, write_text_atomic
+from .errors import UserError
+from .evaluation import ECE_BINS, evaluate_with_predictions, note, resolve_source
+from .rundir import METRICS_FILE
 
-__all__ = ["print_report", "run_evaluation", "save_confusion_png", "write_predictions"]
+__all__ = [
+    "check_outputs",
+    "output_dir",
+    "print_report",
+    "result_stem",
+    "run_evaluation",
+    "save_confusion_png",
+    "write_predictions",
+]
 
 
 def write_predictions(path: Path, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -99,24 +110,66 @@ def print_report(result: dict[str, Any]) -> None:
     console.print(table)
 
 
+def result_stem(result: dict[str, Any]) -> str:
+    """`<dataset>_<split>[_tta-<mode>]`: files of different datasets and splits never replace each other.
+
+    A local folder is named by its own name and a short hash of its path (two copies called `cifar10` stay apart).
+    """
+    dataset = str(result["dataset"])
+    path = Path(dataset).expanduser()
+    if path.is_absolute() or path.exists():
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:6]
+        dataset = f"{path.resolve().name}-{digest}"
+    tta = f"_tta-{result['tta']}" if result.get("tta") else ""
+    return _safe_name(f"{dataset}_{result['split']}{tta}")
+
+
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
 
 
+def output_dir(args: Any) -> Path | None:
+    """Where evaluate.py writes its files: --out-dir; else, for a training run's own directory (its metrics.jsonl
+    is there), RUN/eval; else nowhere. `--json` alone writes nothing: it answers on stdout. Weights that are not
+    a run directory (an export, results/weights/..., the Hub) are never written into."""
+    if args.out_dir is not None:
+        return args.out_dir
+    _, run_dir = resolve_source(args.source)
+    if args.json or run_dir is None or not (run_dir / METRICS_FILE).is_file():
+        return None
+    return run_dir / "eval"
+
+
+def check_outputs(out_dir: Path | None, predictions: Path | None) -> None:
+    """Every file evaluate.py will write can be written: refused before the model and the data are loaded."""
+    for path, what in ((out_dir, "--out-dir"), (predictions.parent if predictions else None, "--predictions")):
+        if path is None:
+            continue
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{what} {str(path)!r} is a file; give a folder")
+        blocked = read_only_above(path)
+        if blocked is not None:
+            raise UserError(f"{what}: {str(path)!r} cannot be written ({str(blocked)!r} is read-only); choose another")
+
+
 def run_evaluation(args: Any) -> int:
-    """`evaluate.py`'s work, after `cifar_train.cli` parsed its arguments: evaluate, write, report."""
-    result, log_probs, labels, run_dir = evaluate_with_predictions(
+    """`evaluate.py`'s work, after `cifar_train.cli` parsed its arguments: check outputs, evaluate, write, report."""
+    out_dir = output_dir(args)
+    check_outputs(out_dir, args.predictions)
+    result, log_probs, labels, _ = evaluate_with_predictions(
         args.source,
         dataset=args.dataset,
         split=args.split,
         batch_size=args.batch_size,
         tta=args.tta,
         device=args.device,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        say=(lambda line: None) if args.json else note,
     )
-    out_dir = args.out_dir or (run_dir / "eval" if run_dir is not None else None)
     written = []
     if out_dir is not None:
-        stem = _safe_name(f"{result['split']}{'_tta-' + args.tta if args.tta else ''}")
+        stem = result_stem(result)
         written.append(write_json_atomic(out_dir / f"metrics_{stem}.json", result))
         png = out_dir / f"confusion_{stem}.png"
         title = f"{result['architecture']} on {result['dataset']} [{result['split']}]"

@@ -12,6 +12,7 @@ reader of `metrics.jsonl` (the plots use it too).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -25,11 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json_atomic, write_text_atomic
+from .atomic import read_only_above, write_json_atomic, write_text_atomic
 from .errors import UserError
 from .recipe import load_recipe, recipe_to_dict
 from .rounding import readable
 from .schema import Recipe
+from .wording import option
 
 __all__ = [
     "CONFIG_FILE",
@@ -62,15 +64,25 @@ EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODEL_CARD_FILE)  # what local-dir: l
 def _in_use(run_dir: Path, holder: str) -> UserError:
     return UserError(
         f"run directory {str(run_dir)!r} is in use by {holder}; wait for that run to finish (or stop it) "
-        "or choose another --output-dir"
+        f"or choose another {option('output_dir')}"
     )
 
 
 def _holds_a_run(run_dir: Path) -> UserError:
     return UserError(
-        f"output directory {str(run_dir)!r} already holds a run; pass --resume {run_dir} to continue it, "
-        "--overwrite to replace it, or choose another --output-dir"
+        f"output directory {str(run_dir)!r} already holds a run; pass {option('resume', run_dir)} to continue it, "
+        f"{option('overwrite')} to replace it, or choose another {option('output_dir')}"
     )
+
+
+def _check_writable(path: Path) -> None:
+    """The run directory, or the nearest folder above it that exists, must take new files (not read-only)."""
+    blocked = read_only_above(path)
+    if blocked is not None:
+        raise UserError(
+            f"output directory {str(path)!r} cannot be written ({str(blocked)!r} is read-only); "
+            f"choose another {option('output_dir')}"
+        )
 
 
 def lock_holder(run_dir: Path) -> str | None:
@@ -163,27 +175,36 @@ class RunDirectory:
         self.resume = resume
         self.overwrite = overwrite
         self._lock = RunLock(self.path)
+        self._opened = False  # open() wrote here (main process)
+        self._created = False  # open() made the directory
         self._check()
 
     def _check(self) -> None:
         if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite contradict: resume continues a run, overwrite starts it afresh")
+            raise UserError(
+                f"{option('resume', self.path)} and {option('overwrite')} contradict: resume continues a run, "
+                "overwrite starts it afresh"
+            )
         holder = lock_holder(self.path)
         if holder is not None:
             raise _in_use(self.path, holder)
         if self.resume:
+            resume = option("resume", self.path)
             if not (self.path / RECIPE_FILE).is_file():
-                raise UserError(f"--resume {str(self.path)!r}: not a run directory (no {RECIPE_FILE} in it)")
+                raise UserError(f"{resume}: {str(self.path)!r} is not a run directory (no {RECIPE_FILE} in it)")
             from .checkpoint import find_checkpoints
 
             if not find_checkpoints(self.path):
                 raise UserError(
-                    f"--resume {str(self.path)!r}: no complete checkpoint in {str(self.path / 'checkpoints')!r} "
-                    "(the run stopped before its first one); start it again with --overwrite"
+                    f"{resume}: no complete checkpoint in {str(self.path / 'checkpoints')!r} (the run stopped before "
+                    f"its first one); start it again with {option('overwrite')}"
                 )
             return
+        _check_writable(self.path)
         if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"output directory {str(self.path)!r} exists and is a file; choose another --output-dir")
+            raise UserError(
+                f"output directory {str(self.path)!r} exists and is a file; choose another {option('output_dir')}"
+            )
         if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
             raise _holds_a_run(self.path)
 
@@ -194,10 +215,13 @@ class RunDirectory:
     def open(self, *, main_process: bool, recipe_toml: str, env: dict[str, Any]) -> None:
         """Take the lock (main process), clear the directory for --overwrite, write recipe.toml and env.json.
 
-        On resume nothing is written here; `truncate_metrics` forgets epochs after the checkpoint.
+        On resume nothing is written here unless the recipe changed (a run trained longer: `resumed_recipe`
+        allowed only `train.epochs` to change), when recipe.toml takes the new one and env.json adds the command;
+        `truncate_metrics` forgets epochs after the checkpoint.
         """
         if not main_process:
             return
+        self._created = not self.path.exists()
         self._lock.acquire(expect_empty=not (self.resume or self.overwrite))
         if self.overwrite:
             for entry in self.path.iterdir():
@@ -206,6 +230,21 @@ class RunDirectory:
         if not self.resume:
             write_text_atomic(self.path / RECIPE_FILE, recipe_toml)
             write_json_atomic(self.path / ENV_FILE, env)
+        elif recipe_toml != (self.path / RECIPE_FILE).read_text(encoding="utf-8"):
+            self._continue_with(recipe_toml, env)
+        self._opened = True
+
+    def _continue_with(self, recipe_toml: str, env: dict[str, Any]) -> None:
+        """The run goes on with a changed recipe (more epochs): recipe.toml is the new one, and env.json's
+        overrides say how to rebuild it from the recipe file (the new ones replace the same keys), so a record
+        of the run names the command that gives its recipe."""
+        saved = self.env()
+        new_keys = {item.split("=", 1)[0].strip() for item in env.get("overrides", [])}
+        kept = [item for item in saved.get("overrides", []) if item.split("=", 1)[0].strip() not in new_keys]
+        saved["overrides"] = [*kept, *env.get("overrides", [])]
+        saved.setdefault("continued", []).append({key: env.get(key) for key in ("started", "command", "overrides")})
+        write_text_atomic(self.path / RECIPE_FILE, recipe_toml)
+        write_json_atomic(self.path / ENV_FILE, saved)
 
     def close(self) -> None:
         self._lock.release()
@@ -213,8 +252,21 @@ class RunDirectory:
     def __enter__(self) -> RunDirectory:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        if exc_type is not None and self._opened and not self.resume and not (self.path / METRICS_FILE).exists():
+            self._abandon()
         self.close()
+
+    def _abandon(self) -> None:
+        """A fresh run that ended before its first epoch was logged leaves no half-made run directory: what it
+        wrote goes (and the directory, if it made it), so the same command can simply be run again."""
+        for entry in self.path.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        (self.path / LOCK_FILE).unlink(missing_ok=True)
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
 
     # ---- metrics log
 
@@ -243,19 +295,32 @@ class RunDirectory:
 
 
 def resumed_recipe(recipe: Recipe | None, run_dir: Path) -> Recipe:
-    """The run's own recipe.toml; a recipe given on the command line must equal it."""
+    """The recipe a resumed run continues with: its own recipe.toml, or `recipe` when it differs from it only in
+    `train.epochs` (training a run longer, where the schedule allows it: `schedule.check_extension`)."""
+    from .checkpoint import newest_state
+    from .schedule import check_extension
+
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
-        raise UserError(f"--resume {str(run_dir)!r}: not a run directory (no recipe.toml in it)")
+        raise UserError(f"{option('resume', run_dir)}: {str(run_dir)!r} is not a run directory (no recipe.toml in it)")
     saved = load_recipe(path, on_warning=lambda message: None)
-    if recipe is not None and recipe != saved:
-        a, b = recipe_to_dict(recipe), recipe_to_dict(saved)
-        diffs = [f"{s}.{k}: {a[s][k]!r} here, {b[s][k]!r} in the run" for s in a for k in a[s] if a[s][k] != b[s][k]]
+    if recipe is None or recipe == saved:
+        return saved
+    a, b = recipe_to_dict(recipe), recipe_to_dict(saved)
+    diffs = {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
+    others = {key: values for key, values in diffs.items() if key != "train.epochs"}
+    if others:
+        shown = "; ".join(f"{key}: {here!r} here, {there!r} in the run" for key, (here, there) in others.items())
         raise UserError(
-            f"--resume {str(run_dir)!r}: the recipe differs from the run's recipe.toml ({'; '.join(diffs)}); "
-            "omit the recipe argument to continue with the saved one"
+            f"{option('resume', run_dir)}: the recipe differs from the run's recipe.toml ({shown}); only train.epochs "
+            "may change when continuing a run (to train it longer); start a new run for anything else"
         )
-    return saved
+    state = newest_state(Path(run_dir))
+    done = state.epoch if state is not None else 0
+    check_extension(
+        name=saved.schedule.name, epochs=saved.train.epochs, new_epochs=recipe.train.epochs, epochs_done=done
+    )
+    return recipe
 
 
 def _git_commit() -> str | None:

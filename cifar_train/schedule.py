@@ -35,7 +35,7 @@ import torch
 from .errors import UserError
 from .schema import Findings, check_fields, checked_section
 
-__all__ = ["ScheduleCurve", "check_schedule", "create_scheduler", "schedule_curve"]
+__all__ = ["EXTENDABLE", "ScheduleCurve", "check_extension", "check_schedule", "create_scheduler", "schedule_curve"]
 
 
 def _sgdr_periods(t0: int, t_mul: float, epochs: int) -> list[int]:
@@ -139,6 +139,28 @@ class ScheduleCurve:
 
     def _cosine(self, t: int, period: int) -> float:
         return self.min_factor + (1 - self.min_factor) * (1 + math.cos(math.pi * t / period)) / 2
+
+
+EXTENDABLE = ("constant", "multistep", "sgdr")  # curves that do not depend on train.epochs
+
+
+def check_extension(*, name: str, epochs: int, new_epochs: int, epochs_done: int) -> None:
+    """Whether a run of `epochs` that has trained `epochs_done` can continue to `new_epochs`.
+
+    Only where the lr of every step already taken stays what it was: constant, multistep (milestones are
+    epochs) and SGDR (its periods do not depend on the end) do not depend on the run's length; linear and cosine
+    stretch over the whole run, so a longer run would have taken other steps from the start.
+    """
+    if new_epochs < epochs_done:
+        raise UserError(
+            f"train.epochs = {new_epochs} is fewer than the {epochs_done} epochs the run has already trained"
+        )
+    if new_epochs != epochs and name not in EXTENDABLE:
+        raise UserError(
+            f"schedule.name = {name!r} spreads its curve over train.epochs, so training this run to {new_epochs} "
+            f"instead of {epochs} epochs would change the lr of the steps it already took; continuing a run longer "
+            f"works for {', '.join(EXTENDABLE)}; for {name!r}, start a new run with train.epochs = {new_epochs}"
+        )
 
 
 def schedule_curve(

@@ -168,7 +168,12 @@ class TrainConfig:
         "auto", "auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; no = fp32", choices=PRECISIONS
     )
     grad_clip: float = _opt(0.0, "largest global gradient L2 norm (0 = no clipping)", ge=0)
-    seed: int = _opt(0, "seed of data order, augmentation and initialisation", ge=0)
+    seed: int = _opt(
+        0,
+        "seed of data order, augmentation and initialisation (numpy takes seeds below 2^32; we add ranks)",
+        ge=0,
+        le=2**31 - 1,
+    )
     eval_every: int = _opt(1, "epochs between validations; the last epoch is always validated", ge=1)
     checkpoint_every: int = _opt(10, "epochs between checkpoints; the last epoch always saves", ge=1)
     keep_checkpoints: int = _opt(2, "newest checkpoints kept", ge=1)

@@ -93,16 +93,20 @@ class RunningMetrics:
     def skipped(self, bad: torch.Tensor) -> None:
         self.counts[1].add_(bad.long())
 
-    def read(self, accelerator: Accelerator, *flags: bool) -> tuple[dict[str, Any], list[bool]]:
-        """The sums over all processes, and `flags` OR-ed over processes (a stop request), in one read."""
-        extra = torch.tensor([float(f) for f in flags], dtype=torch.float64).to(self.sums.device, non_blocking=True)
+    def _over_processes(self, accelerator: Accelerator, extra: torch.Tensor) -> list[float]:
+        """sums, counts, `extra` (summed) and the first non-finite step (the earliest) over every process: one read."""
         packed = torch.cat([self.sums, self.counts.double(), extra])
         first = self.first_nonfinite[None].double()
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
             first = accelerator.gather(first)
             first = torch.where(first > 0, first, torch.full_like(first, math.inf)).min()[None]
-        values = torch.cat([packed, first]).tolist()  # the host read
+        return torch.cat([packed, first]).tolist()  # the host read
+
+    def read(self, accelerator: Accelerator, *flags: bool) -> tuple[dict[str, Any], list[bool]]:
+        """The sums over all processes, and `flags` OR-ed over processes (a stop request), in one read."""
+        extra = torch.tensor([float(f) for f in flags], dtype=torch.float64).to(self.sums.device, non_blocking=True)
+        values = self._over_processes(accelerator, extra)
         loss, correct, images, nonfinite, skipped = values[:5]
         summary = {
             "loss": loss / images if images else float("nan"),
@@ -114,13 +118,24 @@ class RunningMetrics:
         }
         return summary, [v > 0 for v in values[5:-1]]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "first": int(self.first_nonfinite)}
+    def state_dict(self, accelerator: Accelerator) -> dict[str, Any]:
+        """The sums of every process together (a collective: every process calls it), so that a run resumed on any
+        number of processes continues them: the first process loads the totals, the others start at zero."""
+        values = self._over_processes(accelerator, self.sums.new_zeros(0))
+        first = values[-1]
+        return {
+            "sums": values[:3],
+            "counts": [int(v) for v in values[3:5]],
+            "first": int(first) if math.isfinite(first) and first > 0 else -1,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
-        self.counts.copy_(torch.tensor(state["counts"], dtype=torch.int64))
-        self.first_nonfinite.fill_(state["first"])
+    def load_state_dict(self, state: dict[str, Any], *, main_process: bool = True) -> None:
+        """The checkpoint's totals on the first process; zero elsewhere (see `state_dict`)."""
+        self.reset()
+        if main_process:
+            self.sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
+            self.counts.copy_(torch.tensor(state["counts"], dtype=torch.int64))
+            self.first_nonfinite.fill_(state["first"])
 
     def reset(self) -> None:
         self.sums.zero_()

@@ -14,9 +14,9 @@ import timm
 import torch
 
 import cifar_models  # noqa: F401  (registers resnet20)
-from cifar_train.errors import UserError
 from cifar_train.card import CardFacts, write_model_card
 from cifar_train.cli import push_main
+from cifar_train.errors import UserError
 from cifar_train.export import export_model
 from cifar_train.push import UPLOAD_FILES, check_run_dir, push_run
 from cifar_train.recipe import load_recipe, recipe_to_dict, recipe_to_toml

@@ -195,7 +195,7 @@ def test_resolved_recipe_round_trips_through_toml():
 def test_replace_validates():
     r = replace_recipe(Recipe(), train={"epochs": 3}, schedule={"milestones": [1, 2]})
     assert r.train.epochs == 3 and r.schedule.milestones == (1, 2)
-    with pytest.raises(UserError, match="train.epochs"):
+    with pytest.raises(UserError, match=r"train\.epochs"):
         replace_recipe(Recipe(), train={"epochs": -1})
     with pytest.raises(UserError, match="milestones"):  # the components' rules too, not only types and ranges
         replace_recipe(Recipe(), schedule={"milestones": [120, 80]})

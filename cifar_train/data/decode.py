@@ -1,10 +1,11 @@
 """Encoded images (JPEG, PNG, ...) decoded into one uint8 `(N, C, H, W)` array, on every core.
 
 Rows are read in chunks and decoded by a pool of processes (one per core available to us; a small split
-is decoded in this process, where a pool would cost more than it saves). Every image takes the mode and
-size of the split's first readable one (grayscale modes -> "L", anything else -> "RGB"), so the same
-bytes give the same pixels however the work is split. Per image it also returns the per-channel sums of
-pixel values and of their squares (exact integers), from which mean and std of any subset follow.
+is decoded in this process, where a pool would cost more than it saves). A split is grayscale ("L") when
+every image is, else RGB (a grayscale image in a colour split is repeated over the three channels); all take
+the size of the first readable one, so the same bytes give the same pixels however the work is split.
+Images deeper than 8 bits are scaled, not clipped (`to_8bit`). Per image it also returns the per-channel
+sums of pixel values and of their squares (exact integers), from which mean and std of any subset follow.
 
 On a terminal a rich progress bar shows the decoding; elsewhere one plain line says that it started.
 This module imports no torch, so the pool's workers start light.
@@ -17,6 +18,7 @@ import contextlib
 import io
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ import PIL.Image
 from cifar_train.data.source import first_line
 from cifar_train.errors import UserError
 
-__all__ = ["GRAYSCALE_MODES", "Decoded", "Record", "decode_images", "image_format", "open_image"]
+__all__ = ["GRAYSCALE_MODES", "Decoded", "Record", "decode_images", "image_format", "open_image", "to_8bit"]
 
 Record = tuple[bytes | None, str | None]  # (encoded bytes, file path): one of them set
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
@@ -64,6 +66,24 @@ def image_format(image: PIL.Image.Image) -> tuple[str, int, int, int]:
     return mode, 1 if mode == "L" else 3, image.size[1], image.size[0]
 
 
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # "I" (32-bit) is taken as 16-bit data
+
+
+def to_8bit(image: PIL.Image.Image, mode: str) -> PIL.Image.Image:
+    """`image` as 8-bit `mode` ("L" or "RGB"), deeper images scaled to 0-255 rather than clipped.
+
+    PIL's own conversion clips: a 16-bit PNG (`I;16`, or `I` from older writers) would come out as 0 or 255.
+    Here 16-bit values are scaled by 255/65535 (v / 257, rounded), as `torchvision.transforms.v2.ToDtype(
+    torch.uint8, scale=True)` scales them; float images (`F`) are taken to lie in [0, 1], as scikit-image and
+    tifffile write them. Everything else converts as PIL converts it (palette, alpha, CMYK, 1-bit, ...).
+    """
+    if image.mode in _SIXTEEN_BIT or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scaled = values / 257.0 if image.mode in _SIXTEEN_BIT else values * 255.0
+        image = PIL.Image.fromarray(np.rint(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L")
+    return image if image.mode == mode else image.convert(mode)
+
+
 def decode_images(
     count: int,
     read: Callable[[int, int], list[Record]],  # (start, stop) -> the records of those rows
@@ -76,6 +96,23 @@ def decode_images(
     target = _first_format(count, read)
     if target is None:
         raise UserError(f"data.dataset: split {split!r} holds no readable image")
+    decoded = _decode_as(target, count, read, split=split, skip_corrupt=skip_corrupt, say=say)
+    if decoded is None:  # a colour image in a split that began grayscale: decode every image as RGB
+        say(f"data: split {split!r} mixes grayscale and colour images; decoding all of them as RGB")
+        decoded = _decode_as(("RGB", 3, *target[2:]), count, read, split=split, skip_corrupt=skip_corrupt, say=say)
+    return decoded
+
+
+def _decode_as(
+    target: tuple[str, int, int, int],
+    count: int,
+    read: Callable[[int, int], list[Record]],
+    *,
+    split: str,
+    skip_corrupt: bool,
+    say: Callable[[str], None],
+) -> Decoded | None:
+    """Decode every row to `target`; None when the target is grayscale and a colour image turned up."""
     _, channels, height, width = target
     images = np.empty((count, channels, height, width), dtype=np.uint8)
     sums, squares = np.zeros((count, channels), np.int64), np.zeros((count, channels), np.int64)
@@ -85,7 +122,9 @@ def decode_images(
     workers = _worker_count() if count >= PARALLEL_MIN_IMAGES else 0
     with _progress(count, split, workers, say) as advance:
         for start, result in _decoded_chunks(count, read, target, workers, stop_early=not skip_corrupt, say=say):
-            ok, chunk, chunk_sums, chunk_squares, chunk_failures = result
+            ok, chunk, chunk_sums, chunk_squares, chunk_failures, colour = result
+            if colour:
+                return None
             stop = start + len(ok)
             images[start:stop][ok] = chunk[ok]
             sums[start:stop], squares[start:stop], readable[start:stop] = chunk_sums, chunk_squares, ok
@@ -169,7 +208,8 @@ def _pool_chunks(
     starts: list[int], count: int, read: Callable, target: tuple, workers: int, *, stop_early: bool
 ) -> Iterator[tuple[int, tuple]]:
     pending = iter(starts)
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_leave_signals)
+    with pool, _cancel_on_exit(pool):
         running: dict[concurrent.futures.Future, int] = {}
         failed = False
 
@@ -191,11 +231,13 @@ def _pool_chunks(
 
 
 def decode_chunk(records: list[Record], start: int, target: tuple[str, int, int, int]) -> tuple:
-    """Decode one chunk (runs in a worker): `(readable mask, uint8 (n, C, H, W), sums, squares, failures)`."""
+    """Decode one chunk (runs in a worker): `(readable mask, uint8 (n, C, H, W), sums, squares, failures, colour)`;
+    `colour` is True when the target is grayscale and a colour image came (the caller decodes again as RGB)."""
     mode, channels, height, width = target
     images = np.zeros((len(records), channels, height, width), dtype=np.uint8)
     ok = np.zeros(len(records), dtype=bool)
     failures = []  # (row, "corrupt" | "size", detail, file path)
+    colour = False
     for index, record in enumerate(records):
         path = record[1] if record is not None else None
         try:
@@ -206,15 +248,35 @@ def decode_chunk(records: list[Record], start: int, target: tuple[str, int, int,
         if image.size != (width, height):
             failures.append((start + index, "size", f"{image.size[1]}x{image.size[0]}", path))
             continue
-        if image.mode != mode:
-            image = image.convert(mode)
-        pixels = np.asarray(image)
+        if mode == "L" and image_format(image)[0] != "L":
+            colour = True
+            break
+        pixels = np.asarray(to_8bit(image, mode))
         images[index] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
         ok[index] = True
     flat = images.reshape(len(records), channels, -1)
     sums = flat.sum(axis=2, dtype=np.int64)
     squares = np.square(flat, dtype=np.uint16).sum(axis=2, dtype=np.int64)  # 255**2 fits in uint16
-    return ok, images, sums, squares, failures
+    return ok, images, sums, squares, failures, colour
+
+
+@contextlib.contextmanager
+def _cancel_on_exit(pool: concurrent.futures.ProcessPoolExecutor) -> Iterator[None]:
+    """Leaving early (an interrupt, an error, a closed generator): queued chunks are dropped, not decoded first."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _leave_signals() -> None:
+    """A worker ignores SIGINT and SIGTERM: a Ctrl-C reaches the whole process group, and the caller (whose
+    handler ends the start-up) shuts the pool down; a worker dying of it would only print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:

@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from cifar_train.atomic import read_only_above
 from cifar_train.data import cache
 from cifar_train.data.classes import class_map
 from cifar_train.data.decode import decode_images
 from cifar_train.data.info import DatasetInfo, mean_std, summary_line
 from cifar_train.data.local import FolderScan, scan_folder
 from cifar_train.data.source import (
+    DATASET_ALIASES,
     default_cache_dir,
     detect_columns,
     open_dataset,
@@ -34,6 +36,7 @@ from cifar_train.data.source import (
     split_identity,
     split_records,
 )
+from cifar_train.digits import DIGITS_ALIAS
 from cifar_train.errors import UserError
 from cifar_train.wording import setting
 
@@ -59,6 +62,8 @@ class DatasetSource:
     def __init__(self, dataset: str, cache_dir: str | os.PathLike | None = None) -> None:
         self.given = dataset  # as the user spelt it (an alias, a Hub id, a path)
         self.name, self.is_local = resolve_dataset(dataset)
+        # what people are shown: an alias stays an alias (not the cache folder `digits` is written to)
+        self.shown = dataset if dataset in (*DATASET_ALIASES, DIGITS_ALIAS) else self.name
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         local_folder = self.is_local and Path(self.name).is_dir()
         self.scan: FolderScan | None = scan_folder(Path(self.name)) if local_folder else None
@@ -102,8 +107,16 @@ class DatasetSource:
             entry = cache.load_entry(path)
             if entry is not None:
                 return entry, f"cache hit {time.perf_counter() - started:.1f} s"
+        blocked = read_only_above(path.parent)
+        if blocked is not None:  # decode anyway, but say that the next start will decode again
+            say(
+                f"warning: the decode cache {str(self.cache_dir)!r} cannot be written ({str(blocked)!r} is read-only), "
+                f"so split {split!r} is decoded without being kept; set data.cache_dir or $CIFAR_RECIPES_CACHE to a "
+                "writable folder to keep it"
+            )
         entry = _decode(rows, split, image_column, label_column, skip_corrupt=skip_corrupt, say=say)
-        cache.save_entry(entry, path)
+        if blocked is None:
+            cache.save_entry(entry, path)
         return entry, f"decoded in {time.perf_counter() - started:.1f} s"
 
 
@@ -177,8 +190,8 @@ def load_split(
     )
     _warn_skipped(split, entry, say)
     decoded = DecodedSplit(entry["images"], entry["labels"])
-    info = _info(source.name, entry, None, {split: list(entry["skipped"])} if entry["skipped"] else {})
-    say(_summary(source.name, split, entry, None, info.num_classes, how))
+    info = _info(source.shown, entry, None, {split: list(entry["skipped"])} if entry["skipped"] else {})
+    say(_summary(source.shown, split, entry, None, info.num_classes, how))
     return decoded, info
 
 
@@ -259,10 +272,10 @@ def load_splits(
     keep, held_out = _held_out(train["labels"], val_fraction, seed)
     # Mean and std of every training image (held-out ones excluded), also under train_limit: a quick study
     # on a subset normalises exactly as the full run does.
-    info = _info(source.name, train, keep, skipped)
+    info = _info(source.shown, train, keep, skipped)
     if train_limit and train_limit < len(keep):
         keep = keep[stratified_subset(train["labels"][keep], train_limit, seed)]
-    classes, name = info.num_classes, source.name
+    classes, name = info.num_classes, source.shown
     limited = f" (stratified subset, seed {seed})" if train_limit and len(keep) == train_limit else ""
     say(_summary(name, train_split, train, keep, classes, train_how + limited))
     if val is not None:

@@ -70,20 +70,20 @@ def known_pipeline(dataset: str) -> str | None:
     return _KNOWN_PIPELINES.get(dataset)
 
 
-def dataset_identity(dataset: str) -> tuple[str, str | None]:
-    """`(name to show people, Hub id or None)` for `data.dataset` as a user gave it, touching nothing.
+def dataset_identity(dataset: str) -> tuple[str, str | None, str]:
+    """`(name, Hub id or None, what it is)` of `data.dataset` as a user gave it, for people; touches nothing.
 
-    An alias shows as itself (`cifar10`, with its Hub id), a Hub id as itself, and a local folder by its own
-    name only: a path on the machine that trained is no dataset name for anyone else (and may say too much).
+    An alias is its own name (`cifar10`, with its Hub id), a Hub id is itself, and a local folder is named by
+    its last part only: a path on the machine that trained is no dataset name for anyone else.
     """
     if dataset in DATASET_ALIASES:
-        return dataset, DATASET_ALIASES[dataset]
+        return dataset, DATASET_ALIASES[dataset], f"the Hub's {DATASET_ALIASES[dataset]}"
     if dataset == DIGITS_ALIAS:
-        return "digits (scikit-learn's 8x8 handwritten digits)", None
+        return dataset, None, "scikit-learn's 8x8 handwritten digits"
     looks_local = dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or Path(dataset).expanduser().exists()
     if looks_local:
-        return f"{Path(dataset).expanduser().resolve().name or dataset} (a local copy)", None
-    return dataset, dataset
+        return Path(dataset).expanduser().resolve().name or dataset, None, "a local copy"
+    return dataset, dataset, "from the Hugging Face Hub"
 
 
 def resolve_dataset(dataset: str) -> tuple[str, bool]:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from cifar_train import wording
 from cifar_train.data.batches import eval_block, pad_batch
 from cifar_train.data.classes import class_map
-from cifar_train.data.decode import image_format, open_image
+from cifar_train.data.decode import image_format, open_image, to_8bit
 from cifar_train.data.decoded import DatasetSource
 from cifar_train.data.info import DatasetInfo, mean_std
 from cifar_train.data.sampler import ShardedBatchSampler
@@ -69,7 +69,7 @@ def choose_pipeline(
     if source.cached(train_split, image_column, label_column, skip_corrupt) is not None:
         return "memory"  # decoded before: it fits
     rows = pick_split(source.splits, train_split, "data.train_split")
-    image_column, _ = detect_columns(rows.features, image_column, None)
+    image_column, _ = detect_columns(rows.features, image_column, label_column)
     shapes = set()
     for record in split_records(rows, image_column, 0, min(_PROBE_IMAGES, len(rows))):
         try:
@@ -112,15 +112,15 @@ class StreamingSplit:
         rows = pick_split(source.splits, split, setting)
         image_column, label_column = detect_columns(rows.features, image_column, label_column)
         if len(rows) == 0:
-            raise UserError(f"{setting}: split {split!r} of {source.name!r} holds no images")
-        mode = image_format(open_image(split_records(rows, image_column, 0, 1)[0]))[0]
+            raise UserError(f"{setting}: split {split!r} of {source.shown!r} holds no images")
+        mode = _split_mode(rows, image_column)
         where = f"{wording.setting('data.label_column')} {label_column!r} of split {split!r}"
         labels, names = split_classes(rows, label_column, where)
         if classes is not None:
             mapping = class_map(names, classes, what=f"the classes of split {split!r}", target_what=classes_of)
             labels, names = (labels if mapping is None else mapping[labels]), list(classes)
         rows = rows.select_columns([image_column]).add_column(_LABELS, labels)
-        return cls(source.name, split, rows, image_column, label_column, mode, names)
+        return cls(source.shown, split, rows, image_column, label_column, mode, names)
 
     @property
     def channels(self) -> int:
@@ -136,6 +136,19 @@ class StreamingSplit:
         return rows.with_transform(_Transform(self.image_column, self.mode, transform))
 
 
+def _split_mode(rows: Any, image_column: str, probes: int = 64) -> str:
+    """ "L" when every probed image (spread over the split) is grayscale, else "RGB": one grayscale image first
+    must not make a colour dataset grayscale."""
+    picks = sorted({round(i * (len(rows) - 1) / max(probes - 1, 1)) for i in range(min(probes, len(rows)))})
+    modes = set()
+    for index in picks:
+        try:
+            modes.add(image_format(open_image(split_records(rows, image_column, index, index + 1)[0]))[0])
+        except (OSError, SyntaxError, ValueError):
+            continue  # a corrupt image fails where it is read
+    return "L" if modes == {"L"} else "RGB"
+
+
 _LABELS = "__cifar_recipes_label"  # our int64 class indices, beside the dataset's image column
 
 
@@ -146,7 +159,7 @@ class _Transform:
         self.image_column, self.mode, self.transform = image_column, mode, transform
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        images = [image if image.mode == self.mode else image.convert(self.mode) for image in batch[self.image_column]]
+        images = [to_8bit(image, self.mode) for image in batch[self.image_column]]
         return {"image": [self.transform(image) for image in images], "label": batch[_LABELS]}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -125,10 +125,13 @@ def open_training_data(
     skip_corrupt: bool = False,
     seed: int = 0,
     say: Callable[[str], None] = print,
+    classes: Sequence[str] | None = None,
 ) -> TrainingData:
     """Open the data a run trains on (the `[data]` keys, the run's seed, a printer for the summary lines).
 
-    Call it in `accelerator.main_process_first()`: the main process decodes and caches, the others read.
+    `classes`: the classes the model already predicts (a resumed run's); the data's labels are matched to them
+    by name, and a class the model does not know is refused. Call it in `accelerator.main_process_first()`: the
+    main process decodes and caches, the others read.
     """
     from cifar_train.data.batches import MemoryEvalBatches, MemoryTrainBatches
     from cifar_train.data.decoded import DatasetSource, load_splits
@@ -156,7 +159,9 @@ def open_training_data(
     chosen = choose_pipeline(source, pipeline=pipeline, train_split=train_split, skip_corrupt=skip_corrupt, **columns)
     if chosen == "streaming":
         streaming = dict(image_size=image_size, eval_resize=eval_resize, min_scale=min_scale, num_workers=num_workers)
-        return _streaming_data(source, train_split, val_split, train_limit, columns, streaming, seed=seed, say=say)
+        return _streaming_data(
+            source, train_split, val_split, train_limit, columns, streaming, seed=seed, say=say, classes=classes
+        )
     train, val, info = load_splits(
         source,
         train_split=train_split,
@@ -168,12 +173,34 @@ def open_training_data(
         say=say,
         **columns,
     )
+    if classes is not None:
+        train, val, info = _with_classes(train, val, info, classes)
     return TrainingData(
         info,
         "memory",
         functools.partial(MemoryTrainBatches, train),
         functools.partial(MemoryEvalBatches, val, mean=info.mean, std=info.std),
     )
+
+
+def _with_classes(train: Any, val: Any, info: DatasetInfo, classes: Sequence[str]) -> tuple[Any, Any, DatasetInfo]:
+    """Decoded splits relabelled to `classes` (matched by name) and the info that says so."""
+    import dataclasses
+
+    import torch
+
+    from cifar_train.data.classes import class_map
+    from cifar_train.data.decoded import DecodedSplit
+
+    mapping = class_map(info.class_names, classes, what="the dataset's classes", target_what=_CHECKPOINT_CLASSES)
+    if mapping is None:
+        return train, val, info
+    lookup = torch.from_numpy(mapping)
+    relabel = [DecodedSplit(split.images, lookup[split.labels]) for split in (train, val)]
+    return *relabel, dataclasses.replace(info, class_names=list(classes), num_classes=len(classes))
+
+
+_CHECKPOINT_CLASSES = "those the run's checkpoint was trained on"
 
 
 def _streaming_data(
@@ -186,16 +213,18 @@ def _streaming_data(
     *,
     seed: int,
     say: Callable[[str], None],
+    classes: Sequence[str] | None,
 ) -> TrainingData:
     from cifar_train.data.info import summary_line
     from cifar_train.data.streaming import StreamingEvalBatches, StreamingSplit, StreamingTrainBatches, streaming_info
 
-    where = f"data.dataset {source.name!r} streams (too large to decode into memory, or of mixed image sizes)"
+    where = f"data.dataset {source.shown!r} streams (too large to decode into memory, or of mixed image sizes)"
     if val_split is None:
         raise UserError(f"{where}, which {_STREAMING_NEEDS_SPLIT}")
     if train_limit:
         raise UserError(f'{where}; data.train_limit works with the in-memory pipeline only (data.pipeline = "memory")')
-    train = StreamingSplit.open(source, train_split, setting="data.train_split", **columns)
+    known = dict(classes=classes, classes_of=_CHECKPOINT_CLASSES) if classes is not None else {}
+    train = StreamingSplit.open(source, train_split, setting="data.train_split", **columns, **known)
     picked = dict(image_column=train.image_column, label_column=train.label_column)
     those = f"those of split {train_split!r}"
     val = StreamingSplit.open(
