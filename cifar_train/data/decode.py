@@ -14,14 +14,17 @@ This module imports no torch, so the pool's workers start light.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import io
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -208,7 +211,7 @@ def _pool_chunks(
     starts: list[int], count: int, read: Callable, target: tuple, workers: int, *, stop_early: bool
 ) -> Iterator[tuple[int, tuple]]:
     pending = iter(starts)
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_leave_signals)
+    pool = _started_pool(workers)
     with pool, _cancel_on_exit(pool):
         running: dict[concurrent.futures.Future, int] = {}
         failed = False
@@ -272,11 +275,72 @@ def _cancel_on_exit(pool: concurrent.futures.ProcessPoolExecutor) -> Iterator[No
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _leave_signals() -> None:
-    """A worker ignores SIGINT and SIGTERM: a Ctrl-C reaches the whole process group, and the caller (whose
-    handler ends the start-up) shuts the pool down; a worker dying of it would only print a traceback."""
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _start_server(context: multiprocessing.context.BaseContext) -> None:
+    """Start the forkserver with SIGINT and SIGTERM blocked, a mask it keeps through exec: a Ctrl-C reaches the
+    whole process group, and a server still importing this module would die of it with a traceback (it ignores
+    SIGINT only once it runs; its workers ignore both, `_leave_signals`). Here a signal that arrives meanwhile
+    waits, and reaches this process's handler when they are unblocked.
+
+    The resource tracker starts first, on its own: starting it unblocks both signals when it is done.
+    """
+    if context.get_start_method() != "forkserver" or not hasattr(signal, "pthread_sigmask"):
+        return
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _started_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """A process pool whose `workers` processes have all started, SIGINT and SIGTERM held back meanwhile.
+
+    A pool shut down while a worker is still starting leaves that worker reading resources the pool has already
+    released (it dies with a traceback). So a stop signal that arrives while the pool starts is noted, and
+    delivered to this process's own handler once every worker is up; shutting the pool down is then clean.
+    """
+    context = _pool_context()
+    with _signals_held():
+        _start_server(context)
+        ready = context.Barrier(workers)
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_worker_start, initargs=(ready,)
+        )
+        concurrent.futures.wait([pool.submit(os.getpid) for _ in range(workers)])  # one process each
+    return pool
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM are noted, not handled, inside; each noted one is raised again on leaving, so the
+    handlers in place (a training run's, Python's KeyboardInterrupt) see it then. Only the main thread has
+    signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)
+
+
+def _worker_start(ready: Any) -> None:
+    """A worker ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group; the caller shuts the pool
+    down), then waits until every worker has started, so that each takes one of the first tasks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.wait(timeout=120)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_train.data.local import FolderScan, scan_folder
-from cifar_train.data.source import first_line, pick_columns, resolve_dataset
+from cifar_train.data.source import first_line, pick_columns, pick_split, resolve_dataset
 from cifar_train.digits import DIGITS_ALIAS, TEST_SIZE
 from cifar_train.errors import UserError
 
@@ -92,7 +92,10 @@ def _check_request(facts, kinds, first_image, train_split, val_split, image_colu
     splits, problems = facts["splits"], facts["problems"]
     for split, setting in ((train_split, "data.train_split"), (val_split, "data.val_split")):
         if split and split not in splits:
-            problems.append(f"{setting}: split {split!r} not found; this dataset has: {', '.join(splits)}")
+            try:
+                pick_split(splits, split, setting)  # the message a real start gives
+            except UserError as err:
+                problems.append(str(err))
     try:
         facts["image_column"], facts["label_column"] = pick_columns(kinds, image_column, label_column)
     except UserError as err:
