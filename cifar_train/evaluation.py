@@ -204,7 +204,9 @@ def _load_data(
     )
     split = split or (cfg.val_split if cfg else "test")
     source = data_lib.DatasetSource(dataset, options["cache_dir"])
-    pipeline = data_lib.choose_pipeline(source, train_split=split, skip_corrupt=options["skip_corrupt"], **columns)
+    pipeline = data_lib.choose_pipeline(
+        source, train_split=split, skip_corrupt=options["skip_corrupt"], setting=setting, **columns
+    )
     if pipeline == "streaming":
         return _streaming_data(source, split=split, setting=setting, model=model, columns=columns)
     val, info = data_lib.load_split(source, split=split, setting=setting, say=say, **options)

@@ -179,11 +179,14 @@ def test_cli_json_out_dir_and_predictions(run, tmp_path, capsys):
     assert {"top1", "top5", "loss", "num_samples", "ece"} <= result.keys()
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == result["num_samples"]
-    assert sum(r["pred"] == r["label"] for r in rows) / len(rows) * 100 == pytest.approx(result["top1"])
+    # results carry 6 significant digits (cifar_train.rounding)
+    assert sum(r["pred"] == r["label"] for r in rows) / len(rows) * 100 == pytest.approx(result["top1"], rel=6e-6)
     assert all(abs(sum(r["probs"]) - 1) < 1e-4 and max(r["probs"]) == r["confidence"] for r in rows)
-    saved = json.loads((tmp_path / "out" / "metrics_test.json").read_text())
+    (saved_path,) = (tmp_path / "out").glob("metrics_*.json")
+    assert saved_path.name.startswith("metrics_data-") and saved_path.name.endswith("_test.json")
+    saved = json.loads(saved_path.read_text())
     assert saved["confusion_matrix"] == result["confusion_matrix"]
-    png = tmp_path / "out" / "confusion_test.png"
+    png = tmp_path / "out" / f"confusion_{saved_path.name[len('metrics_') : -len('.json')]}.png"
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -216,3 +219,47 @@ def test_grayscale_data_for_an_rgb_model_is_refused(run, tmp_path):
     gray = _write_dataset(tmp_path, splits={"train": 4, "test": 4}, channels=1)
     with pytest.raises(UserError, match="1-channel images but the model takes 3"):
         evaluate(str(run_dir), dataset=str(gray), device="cpu")
+
+
+def test_results_of_two_datasets_and_splits_are_kept_apart(run, tmp_path, capsys):
+    """Evaluating another dataset's test split beside the run's own does not replace the first file."""
+    run_dir, _, _ = run
+    other = _write_dataset(tmp_path / "other")
+    out = tmp_path / "out"
+    for args in ([], ["--dataset", str(other)], ["--split", "train"]):
+        assert main([str(run_dir), "--out-dir", str(out), *args]) == 0
+    names = sorted(path.name for path in out.glob("metrics_*.json"))
+    assert len(names) == 3 and len({name.rsplit("_", 1)[0] for name in names}) == 2, names  # 2 datasets, 3 files
+    capsys.readouterr()
+
+
+def test_json_prints_one_line_and_writes_nothing(tmp_path, tiny_run, capsys):
+    """`--json` answers on stdout only; files only where asked (--out-dir / --predictions)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert main([str(run_dir), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and json.loads(out)["num_samples"] == 360 and err == ""
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_weights_that_are_not_a_run_directory_are_not_written_into(tmp_path, tiny_run, capsys):
+    """An export folder (as `results collect --with-weights` commits it) is read, never written: no eval/ in it."""
+    export = tmp_path / "weights"
+    export.mkdir()
+    for name in ("model.safetensors", "config.json", "README.md"):
+        (export / name).write_bytes((tiny_run.run_dir / name).read_bytes())
+    assert main([f"local-dir:{export}", "--dataset", "digits"]) == 0
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "wrote" not in capsys.readouterr().out
+
+
+def test_numbers_people_read_are_rounded(run, tmp_path, capsys):
+    run_dir, _, _ = run
+    assert main([str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    floats = [result["top1"], result["loss"], result["ece"], *(v for v in result["per_class_accuracy"].values() if v)]
+    assert all(len(f"{value:.15g}".replace("-", "").replace(".", "").lstrip("0")) <= 6 for value in floats), floats

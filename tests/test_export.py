@@ -203,3 +203,17 @@ def test_push_offline_fails_fast_without_leaking_the_token(tmp_path, monkeypatch
     assert secret not in out + err
     assert not any(secret in p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file())
     assert os.environ["HF_TOKEN"] == secret  # untouched
+
+
+def test_model_card_names_an_alias_by_its_hub_id_and_carries_the_results_for_the_hub(tmp_path):
+    import yaml
+
+    _, card = _card(tmp_path, dataset="cifar10")
+    front = yaml.safe_load(card.split("---\n", 2)[1])
+    assert front["datasets"] == ["uoft-cs/cifar10"]
+    [entry] = front["model-index"]
+    [result] = entry["results"]
+    assert result["dataset"] == {"name": "cifar10", "type": "uoft-cs/cifar10", "split": "test"}
+    assert [(m["name"], m["value"]) for m in result["metrics"]] == [("top-1 accuracy", 91.23), ("top-5 accuracy", 99.5)]
+    assert "# run: resnet20 trained on cifar10 (the Hub's uoft-cs/cifar10)" in card
+    assert "--dataset uoft-cs/cifar10" in card

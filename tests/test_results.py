@@ -202,6 +202,10 @@ def test_collect_with_weights_copies_a_loadable_export_and_refuses_large_weights
     record = json.loads(path.read_text())
     assert record["weights"].startswith(f"Committed in {folder}/") and f"local-dir:{folder}" in record["weights"]
     assert record["weights_sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    card = (folder / "README.md").read_text()
+    assert f'timm.create_model("local-dir:{folder}", pretrained=True)' in card  # where this card lives
+    assert str(run_dir) not in card.split("## Recipe")[0]  # not the run directory the reader does not have
+    assert "model-index:" in card and "value: " in card
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     original = timm.create_model(f"local-dir:{run_dir}", pretrained=True)
     for (name, a), (_, b) in zip(loaded.state_dict().items(), original.state_dict().items(), strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -225,3 +226,20 @@ def test_two_machines_on_localhost_under_accelerate_launch(tmp_path, digits_dir)
     assert rows[-1]["step"] == 2 * (128 // 32)
     assert json.loads((run_dir / "env.json").read_text())["num_processes"] == 2
     assert json.loads((run_dir / "final_metrics.json").read_text())["ranks_in_sync"] is True
+
+
+def _significant_digits(value: float) -> int:
+    """Digits of the shortest text that reads back as `value` (Python's repr), leading and trailing zeros aside."""
+    return len(repr(value).split("e")[0].replace("-", "").replace(".", "").strip("0"))
+
+
+def test_numbers_people_read_carry_six_significant_digits(tiny_run):
+    """final_metrics.json, metrics.jsonl and the model card: no float noise such as 88.20000457763672."""
+    run = tiny_run.run_dir
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((run / "final_metrics.json").read_text())
+    floats = [v for row in [*rows, final] for v in row.values() if isinstance(v, float)]
+    assert len(floats) > 20 and max(_significant_digits(v) for v in floats) <= 6, floats
+    table = (run / "README.md").read_text().split("## Results")[1].split("## Recipe")[0]
+    numbers = re.findall(r"\d+\.\d+", table)
+    assert numbers and all(len(number.split(".")[1]) <= 4 for number in numbers), numbers

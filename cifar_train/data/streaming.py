@@ -58,6 +58,7 @@ def choose_pipeline(
     skip_corrupt: bool = False,
     cache_dir: str | os.PathLike | None = None,
     max_memory_bytes: int = MAX_MEMORY_BYTES,
+    setting: str = "data.train_split",  # what named `train_split`, for messages (evaluation: its --split)
 ) -> str:
     """`pipeline`, with "auto" resolved to "memory" or "streaming" (see the module's docstring)."""
     if pipeline != "auto":
@@ -68,7 +69,7 @@ def choose_pipeline(
     source = dataset if isinstance(dataset, DatasetSource) else DatasetSource(dataset, cache_dir)
     if source.cached(train_split, image_column, label_column, skip_corrupt) is not None:
         return "memory"  # decoded before: it fits
-    rows = pick_split(source.splits, train_split, "data.train_split")
+    rows = pick_split(source.splits, train_split, setting)
     image_column, _ = detect_columns(rows.features, image_column, label_column)
     shapes = set()
     for record in split_records(rows, image_column, 0, min(_PROBE_IMAGES, len(rows))):
