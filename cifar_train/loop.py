@@ -30,6 +30,7 @@ from .components import (
     launched_processes,
     make_accelerator,
     preflight,
+    sync_batchnorm,
 )
 from .data import open_training_data
 from .errors import Interrupted, NonFiniteLoss, UserError
@@ -75,6 +76,8 @@ def train(
     with accelerator.local_main_process_first():  # one process per machine fills the decode cache first
         data = open_training_data(**section_kwargs(recipe.data), seed=t.seed, say=say)
     model = build_model(recipe, num_classes=data.info.num_classes, in_chans=data.info.channels)
+    if t.sync_bn:  # before `prepare` wraps the model (preflight checked: several CUDA processes)
+        model = sync_batchnorm(model)
     model = model.to(accelerator.device, memory_format=_memory_format(recipe))
     optimizer = build_optimizer(model, recipe)  # after the move: fused kernels are chosen by device
     shard = dict(num_replicas=accelerator.num_processes, rank=accelerator.process_index, device=accelerator.device)

@@ -166,6 +166,9 @@ class TrainConfig:
     val_batch_size: int = _opt(256, "global validation batch", ge=1)
     grad_accum_steps: int = _opt(1, "batches per optimizer step", ge=1)
     subdivision: int = _opt(1, "the seed's ghost batch: chunks per batch, forward/backward each, one step", ge=1)
+    sync_bn: bool = _opt(
+        False, "SyncBatchNorm: BatchNorm statistics over every process's batch (several CUDA processes only)"
+    )
     precision: str = _opt(
         "auto", "auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; no = fp32", choices=PRECISIONS
     )

@@ -7,13 +7,21 @@ is what the step does about them, with the real torch.compile, Accelerate and (w
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from helpers import ROOT, assert_one_line_error, run_main, write_recipe
 from test_step import HostReads
 
 import cifar_models  # noqa: F401
+from cifar_train.cli import main
+from cifar_train.components import sync_batchnorm
 from cifar_train.step import CUDA_GRAPH_MODES, FP16_STOP_AFTER, TrainStep, nonfinite_stop
 
 
@@ -196,3 +204,63 @@ def test_nonfinite_policy_without_a_scaler_is_unchanged():
     assert nonfinite_stop(summary, policy="stop", scaled=False) == "the loss is not finite (NaN or inf) at step 7"
     assert nonfinite_stop({**summary, "skipped": 1, "skipped_run": 1}, policy="skip", scaled=False) is None
     assert nonfinite_stop({**summary, "nonfinite": 0, "first_nonfinite": None}, policy="stop", scaled=False) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SyncBatchNorm
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_sync_bn_on_one_process_is_refused_before_any_work(tmp_path, digits_dir, monkeypatch, dry_run):
+    import cifar_train.loop
+
+    def no_data(**kwargs):
+        raise AssertionError("the dataset was opened before train.sync_bn was checked")
+
+    monkeypatch.setattr(cifar_train.loop, "open_training_data", no_data)
+    recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"sync_bn": True})
+    extra = ["--dry-run"] if dry_run else []
+    result = run_main(main, str(recipe), "--output-dir", str(tmp_path / "run"), *extra)
+    assert_one_line_error(result, "train.sync_bn = true needs several processes, this run has 1", "set it false")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sync_bn_on_cpu_processes_under_torchrun_is_refused_before_any_work(tmp_path, digits_dir):
+    """Two CPU processes: torch's SyncBatchNorm cannot train on CPU tensors, so the ranks refuse before they open
+    anything (no process group, no run directory); the first rank says why, once."""
+    recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"sync_bn": True, "batch_size": 64})
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+            str(ROOT / "train_accelerate.py"), str(recipe), "--output-dir", str(tmp_path / "run"),
+        ],
+        capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode != 0
+    refusal = "error: train.sync_bn = true needs CUDA GPUs: torch's SyncBatchNorm cannot train on CPU processes"
+    assert result.stderr.count(refusal) == 1, result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr  # torchrun's summary of the ranks' exit statuses
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet_preact20", "mobilenetv3_small_050"])
+def test_sync_batchnorm_keeps_the_weights_and_timms_norm_activation_layers(name):
+    """Every BatchNorm becomes a SyncBatchNorm with the same parameters and statistics, including timm's fused
+    BatchNorm + activation layers, which torch's own converter turns into plain SyncBatchNorms without their
+    activation (ResNet-preact's last norm is one): outputs are unchanged."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    for module in model.modules():  # statistics other than the initial ones, so that a lost buffer shows
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        converted = sync_batchnorm(model)
+        assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == norms > 0
+        assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+        torch.testing.assert_close(converted.eval()(images), expected, rtol=0, atol=0)
