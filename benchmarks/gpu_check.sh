@@ -27,7 +27,7 @@ source benchmarks/gpu_env.sh
 left=$((budget - ($(date +%s) - started)))
 # The check keeps to its budget entry by entry; `timeout` is the backstop for an entry that overruns its estimate
 # (rows already measured are on disk either way).
-timeout --signal=TERM --kill-after=10 "$left" \
+timeout --signal=TERM --kill-after=5 "$((left - 5))" \
     "$python" benchmarks/gpu_check.py --out "$out" --started "$started" --budget-seconds "$budget" "$@" 2>&1 |
     tee "$out/gpu_check.log"
 exit "${PIPESTATUS[0]}"

@@ -25,9 +25,9 @@ cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out" || exit 2
 source benchmarks/gpu_env.sh
 left=$((budget - ($(date +%s) - started)))
-# gpu_row.py stops the training itself when it projects past the budget; `timeout` is the backstop (its SIGTERM
-# is passed on to the training, which checkpoints and exits).
-timeout --signal=TERM --kill-after=20 "$left" \
+# gpu_row.py stops the training itself when it projects past the budget; `timeout` is the backstop (it signals
+# its whole process group, the training included, which checkpoints on SIGTERM).
+timeout --signal=TERM --kill-after=5 "$((left - 5))" \
     "$python" benchmarks/gpu_row.py --out "$out" --started "$started" --budget-seconds "$budget" "$@" 2>&1 |
     tee "$out/gpu_row.log"
 exit "${PIPESTATUS[0]}"
