@@ -204,7 +204,7 @@ def run_recipe(recipe_file: str, overrides: list[str], work: Path, name: str) ->
     from cifar_train.recipe import load_recipe
     from cifar_train.rundir import read_metrics
 
-    torch._dynamo.reset()  # each run compiles its own step (dynamo's per-function cache has a size limit)
+    _release()  # each run compiles its own step (dynamo's per-function cache has a size limit)
     recipe = load_recipe(ROOT / recipe_file, overrides, on_warning=lambda message: None)
     run_dir = work / name
     try:
@@ -235,7 +235,7 @@ def bare_step_rate(target: Target, overrides: list[str], *, size: tuple[int, int
     from cifar_train.recipe import load_recipe
     from cifar_train.step import TrainStep
 
-    torch._dynamo.reset()
+    _release()
     recipe = load_recipe(ROOT / target.recipe, overrides, on_warning=lambda message: None)
     t, a = recipe.train, recipe.augment
     accelerator = make_accelerator(precision=t.precision, grad_accum_steps=1, trackers=(), project_dir=".")
@@ -339,7 +339,8 @@ def projections(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _release() -> None:
     """What an entry left behind (compiled graphs, CUDA graph pools, cached blocks) is not the next one's to carry."""
-    torch._dynamo.reset()
+    if "torch._dynamo" in sys.modules:  # (imported by the first compilation; not worth importing for nothing)
+        torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -62,6 +62,7 @@ def _batch(size: int = 8, seed: int = 0, spatial: int = 8) -> tuple[torch.Tensor
 # CUDA graphs with split batches, and gradient layouts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "split"), list(zip(CUDA_GRAPH_MODES, ["subdivision", "grad_accum_steps"])))
 def test_cuda_graph_modes_add_every_chunk_into_gradient_buffers_allocated_before_the_graphs(monkeypatch, mode, split):
     """With CUDA graphs and several backward passes per optimizer step, every gradient lives in one buffer allocated
