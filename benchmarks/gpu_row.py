@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_row.json, the log and the run")
     parser.add_argument("--mode", choices=("auto", "eager", "reduce-overhead", "default"), default="auto")
     parser.add_argument("--check-rows", type=Path, help="a GPU check's gpu_check.jsonl, for --mode auto")
-    parser.add_argument("--dataset", default=str(ROOT / ".gpu" / "cifar10"), help="CIFAR-10 in the Hub's layout")
+    parser.add_argument(
+        "--dataset", default=".gpu/cifar10", help="CIFAR-10 in the Hub's layout (relative to the checkout, as recorded)"
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="records folder (default: results/)")
     parser.add_argument("--budget-seconds", type=float, default=420.0, help="the whole call's time, from --started")
     parser.add_argument("--started", type=float, default=None, help="when the call began (Unix time; default now)")
