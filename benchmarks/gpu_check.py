@@ -1,37 +1,48 @@
-"""The one-call GPU check: throughput, host syncs, a real accuracy run and the projected 200-epoch times.
+"""The one-call GPU check: which precision x compile modes work, how fast, how many host syncs, and the projected
+200-epoch times against our goals.
 
-    benchmarks/gpu_check.sh OUT_DIR                 # on a machine with a CUDA GPU (installs datasets if missing)
-    python benchmarks/gpu_check.py --out OUT --smoke   # on a CPU, a few seconds: keeps the script from rotting
+    benchmarks/gpu_check.sh OUT_DIR                # a CUDA machine, <= 4 minutes; installs what it lacks first
+    benchmarks/gpu_check.sh OUT_DIR --smoke        # any CPU, seconds (the test suite runs it)
 
-Phases, most valuable first; each is written to OUT/gpu_check.json as soon as it finishes (a failing phase
-records its error and the next one runs):
+Every entry is one row of OUT/gpu_check.jsonl, appended and flushed to disk the moment it ends, so a timeout
+loses nothing already measured. Entries run most valuable first; each one's cost is estimated before it starts
+(a guess until something alike has run, then that measurement), and one that the time left cannot hold is
+recorded as skipped, with the reason. A failing entry records its error and the next one runs. The exit status
+is 1 when any entry failed.
 
-1. environment: GPU, driver-side versions, library versions.
-2. throughput: images/s of a bare training step (model, soft-target loss, backward, fused SGD on one batch
-   already on the GPU) against the real loop (`cifar_train.train`: data on the device, augmentation, the
-   step, running metrics, schedule) for ResNet-preact-20 @128, ResNet-preact-110 @128 and WRN-28-10 @64,
-   in fp32 NCHW, bf16 channels_last, and bf16 channels_last + torch.compile.
-3. host syncs: `torch.cuda.set_sync_debug_mode("warn")` around one epoch of the loop; syncs per step.
-4. accuracy: ResNet-preact-20 for 15 epochs on real CIFAR-10 (the seed's settings, cosine to 0), every epoch
-   validated on the 10,000 test images.
-5. projections: 200 epochs of ResNet-preact-20 and of WRN-28-10 + RICAP from the measured rates, against
-   the goals (<= 3 and <= 20 minutes).
+1. modes: each precision (bf16, fp32, fp16) x compile mode (eager, reduce-overhead, default) trains one short
+   epoch of ResNet-preact-20 (recipes/experiments/resnet_preact20.toml) and of WRN-28-10 + RICAP
+   (recipes/wrn_ricap.toml) and validates on the 10,000 test images: ok, or failed with the error. One more
+   entry runs reduce-overhead with train.grad_accum_steps = 2 (CUDA graphs with gradients added over chunks).
+2. throughput: images/s of the bare step (`TrainStep` on one batch already on the GPU: forward, loss, backward,
+   fused SGD; cuDNN benchmark on, as in the loop) against the whole loop on the same recipe (data on the device,
+   augmentation, the step, metrics, schedule), ResNet-preact-20 and WRN-28-10 + RICAP first, then
+   ResNet-preact-110; bf16 eager, bf16 reduce-overhead, fp32 NCHW eager, bf16 default.
+3. host syncs: `torch.cuda.set_sync_debug_mode("warn")` around the RICAP recipe's training epochs and its
+   validation passes: syncs per step and per validation, and where they come from.
+4. projections: 200 epochs from each measured loop (training at its rate plus a validation per epoch) against
+   the goals (ResNet-preact-20 <= 3 minutes, WRN-28-10 + RICAP <= 20 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
+import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,46 +51,115 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-GOAL_MINUTES = {"resnet_preact20": 3.0, "wrn28_10_ricap": 20.0}  # 200 epochs of CIFAR-10, evaluation included
-CONFIGS = {
-    "fp32_nchw": {"precision": "no", "channels_last": False, "compile": False},
-    "bf16_channels_last": {"precision": "bf16", "channels_last": True, "compile": False},
-    "bf16_channels_last_compile": {"precision": "bf16", "channels_last": True, "compile": "default"},
-}
-MODELS = (("resnet_preact20", 128), ("resnet_preact110", 128), ("wrn28_10", 64))
+GOAL_MINUTES = {"resnet_preact20": 3.0, "wrn28_10_ricap": 20.0}  # 200 epochs of CIFAR-10, validation included
 CIFAR10_TRAIN = 50_000  # training images per epoch
+# Every train.precision ("no" is fp32) x compile mode ("eager" is model.compile = false), most valuable first: the
+# default precision eager and with CUDA graphs (the fastest candidate), the other precisions eager, then the rest.
+MODE_ORDER = (
+    ("bf16", "eager"), ("bf16", "reduce-overhead"), ("no", "eager"), ("fp16", "eager"), ("bf16", "default"),
+    ("no", "reduce-overhead"), ("fp16", "reduce-overhead"), ("no", "default"), ("fp16", "default"),
+)  # fmt: skip
+THROUGHPUT_CONFIGS = (  # (name, precision, channels_last, compile mode), most valuable first
+    ("bf16_eager", "bf16", True, "eager"),
+    ("bf16_reduce_overhead", "bf16", True, "reduce-overhead"),
+    ("fp32_nchw_eager", "no", False, "eager"),
+    ("bf16_default", "bf16", True, "default"),
+)
 
 
-class Report:
-    """The JSON report, rewritten after every phase, and the phases' time budget."""
+@dataclass(frozen=True)
+class Target:
+    """A recipe as the check trains it: short epochs of `short_images`, loop epochs of `loop_images`."""
 
-    def __init__(self, out: Path, budget_seconds: float) -> None:
-        self.path = out / "gpu_check.json"
-        self.data: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "phases": {}}
-        self.deadline = time.monotonic() + budget_seconds
+    key: str
+    recipe: str
+    batch: int
+    short_images: int
+    loop_images: int
+    overrides: tuple[str, ...] = ()
+
+
+TARGETS = (
+    Target("resnet_preact20", "recipes/experiments/resnet_preact20.toml", 128, 5_120, 12_800),
+    Target("wrn28_10_ricap", "recipes/wrn_ricap.toml", 64, 2_560, 3_840),
+)
+LATER_TARGETS = (Target("resnet_preact110", "recipes/cifar10/resnet_preact110.toml", 128, 5_120, 12_800),)
+_SMOKE = ("model.name='resnet20'", "train.batch_size=32", "augment.crop_padding=1")  # 8x8 digits on a CPU
+SMOKE_TARGETS = (
+    Target("resnet_preact20", "recipes/experiments/resnet_preact20.toml", 32, 128, 128, _SMOKE),
+    Target("wrn28_10_ricap", "recipes/wrn_ricap.toml", 32, 128, 128, _SMOKE),
+)
+
+# Seconds an entry takes on a fresh machine, guessed until something alike has been measured in this run:
+# a short eager run, a first compilation (inductor, fwd + bwd) with its run, the same graph again (inductor's
+# cache), a throughput entry (bare step + a two-epoch loop), the host-sync entry.
+GUESSES = {"eager": 20.0, "compile": 60.0, "recompile": 20.0, "throughput": 25.0, "syncs": 25.0}
+KEEP_FOR_LATER = {"modes": 70.0, "throughput": 25.0}  # seconds a phase leaves to the phases after it
+
+
+class Check:
+    """The rows on disk, the time budget, and the estimates."""
+
+    def __init__(self, out: Path, *, deadline: float) -> None:
+        self.path = out / "gpu_check.jsonl"
+        self.deadline = deadline  # time.time() by which every entry must have ended
+        self.measured: dict[str, float] = {}  # cost key -> seconds of the last entry of that kind
+        self.rows: list[dict[str, Any]] = []
+        self.failed = 0
 
     def left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - time.time()
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[dict[str, Any]]:
-        record: dict[str, Any] = {}
+    def estimate(self, cost_key: str, kind: str) -> float:
+        return self.measured.get(cost_key, GUESSES[kind])
+
+    def run(
+        self,
+        phase: str,
+        entry: str,
+        fn: Callable[[], dict[str, Any]],
+        *,
+        estimate: float,
+        cost_key: str = "",
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """One entry: skipped when `estimate` seconds do not fit in the budget left to this phase, else run; its
+        row (`fields`, then ok with `fn`'s fields, or failed with the error) goes to disk at once."""
+        row: dict[str, Any] = {"phase": phase, "entry": entry, **fields, "estimate_seconds": round(estimate, 1)}
+        room = self.left() - KEEP_FOR_LATER.get(phase, 0.0)
+        if estimate > room:
+            row.update(status="skipped", reason=f"needs ~{estimate:.0f} s, {max(room, 0):.0f} s left for this phase")
+            return self.append(row)
         started = time.perf_counter()
-        print(f"== {name}", flush=True)
         try:
-            yield record
-        except Exception as err:  # a broken phase is reported, and the check goes on with the next one
-            record["error"] = f"{type(err).__name__}: {err}"
-            record["traceback"] = traceback.format_exc()
-            print(record["traceback"], flush=True)
-        record["seconds"] = round(time.perf_counter() - started, 1)
-        self.data["phases"][name] = record
-        self.write()
+            row.update(fn())
+            row["status"] = row.get("status", "ok")
+        except Exception as err:  # one broken entry is reported; the next one runs
+            self.failed += 1
+            row.update(status="failed", error=f"{type(err).__name__}: {err}"[:2000])
+            row["traceback"] = traceback.format_exc(limit=-8)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        _release()
+        if cost_key and row["status"] == "ok":
+            self.measured[cost_key] = row["seconds"]
+        return self.append(row)
 
-    def write(self) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        temporary.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(temporary, self.path)
+    def skip(self, phase: str, entry: str, reason: str, **fields: Any) -> dict[str, Any]:
+        return self.append({"phase": phase, "entry": entry, **fields, "status": "skipped", "reason": reason})
+
+    def append(self, row: dict[str, Any]) -> dict[str, Any]:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows.append(row)
+        shown = {k: v for k, v in row.items() if k not in ("phase", "traceback")}
+        print(f"[{row['phase']}] {json.dumps(shown)}", flush=True)
+        return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
 
 
 def environment() -> dict[str, Any]:
@@ -109,206 +189,245 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def overrides_for(target: Target, dataset: str, *, precision: str, mode: str, images: int, epochs: int) -> list[str]:
+    compile_value = "false" if mode == "eager" else json.dumps(mode)
+    return [
+        f"data.dataset={json.dumps(dataset)}", f"data.train_limit={images}", f"train.epochs={epochs}",
+        f"train.precision={json.dumps(precision)}", f"model.compile={compile_value}", "log.progress=false",
+        "log.every_steps=1000", "train.checkpoint_every=1000", *target.overrides,
+    ]  # fmt: skip
+
+
+def run_recipe(recipe_file: str, overrides: list[str], work: Path, name: str) -> list[dict[str, Any]]:
+    """`cifar_train.train` on a recipe, quietly, in a fresh compile state; its metrics.jsonl rows."""
+    from cifar_train.loop import train
+    from cifar_train.recipe import load_recipe
+    from cifar_train.rundir import read_metrics
+
+    _release()  # each run compiles its own step (dynamo's per-function cache has a size limit)
+    recipe = load_recipe(ROOT / recipe_file, overrides, on_warning=lambda message: None)
+    run_dir = work / name
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(recipe, run_dir, recipe_file=recipe_file, overrides=overrides, log=lambda message: None)
+        return read_metrics(run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # WRN-28-10's weights and checkpoints are 0.6 GB a run
+
+
+def short_epoch(target: Target, dataset: str, work: Path, *, precision: str, mode: str, extra=()) -> dict[str, Any]:
+    overrides = overrides_for(target, dataset, precision=precision, mode=mode, images=target.short_images, epochs=1)
+    rows = run_recipe(target.recipe, [*overrides, *extra], work, f"mode-{target.key}")
+    row = rows[-1]
+    if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
+        raise FloatingPointError(f"non-finite loss: train {row['train_loss']}, validation {row['val_loss']}")
+    return {
+        "train_loss": round(row["train_loss"], 4),
+        "val_acc1": round(row["val_acc1"], 2),
+        "epoch_seconds": round(row["epoch_seconds"], 2),
+        "skipped_steps": row.get("skipped_steps", 0),
+    }
+
+
+def bare_step_rate(target: Target, overrides: list[str], *, size: tuple[int, int, int], seconds: float) -> float:
+    """Images/s of `TrainStep` alone on one batch already on the device (compiled as the loop compiles it)."""
+    from cifar_train.components import build_model, build_optimizer, make_accelerator
+    from cifar_train.recipe import load_recipe
+    from cifar_train.step import TrainStep
+
+    _release()
+    recipe = load_recipe(ROOT / target.recipe, overrides, on_warning=lambda message: None)
+    t, a = recipe.train, recipe.augment
+    accelerator = make_accelerator(precision=t.precision, grad_accum_steps=1, trackers=(), project_dir=".")
+    memory = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
+    model = build_model(recipe, num_classes=10, in_chans=size[0]).to(accelerator.device, memory_format=memory)
+    optimizer = build_optimizer(model, recipe)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(
+        accelerator, model, optimizer, subdivision=t.subdivision, dual_cutout_alpha=a.dual_cutout_alpha,
+        label_smoothing=a.label_smoothing, grad_clip=t.grad_clip, nonfinite_loss=t.nonfinite_loss,
+        channels_last=recipe.model.channels_last, compile=recipe.model.compile,
+    )  # fmt: skip
+    images = torch.randn(t.batch_size, *size, device=accelerator.device)
+    targets = torch.nn.functional.one_hot(torch.randint(0, 10, (t.batch_size,), device=accelerator.device), 10)
+    targets = targets.float()
+    model.train()
+    for index in range(5):  # warm-up: cuDNN autotuning, compilation, CUDA graph recording
+        step(images, targets, index + 1)
+    _synchronize()
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(10):
+            step(images, targets, steps + 1)
+        _synchronize()
+        steps += 10
+    return steps * t.batch_size / (time.perf_counter() - started)
+
+
+def throughput(target: Target, dataset: str, work: Path, config: tuple, *, size, seconds: float) -> dict[str, Any]:
+    _, precision, channels_last, mode = config
+    overrides = overrides_for(target, dataset, precision=precision, mode=mode, images=target.loop_images, epochs=2)
+    overrides.append(f"model.channels_last={str(channels_last).lower()}")
+    bare = bare_step_rate(target, overrides, size=size, seconds=seconds)
+    rows = run_recipe(target.recipe, overrides, work, f"loop-{target.key}")
+    loop = rows[-1]["images_per_second"]  # the second epoch: no compilation or warm-up in it
+    trained = target.loop_images // target.batch * target.batch
+    validation = max(0.0, rows[-1]["epoch_seconds"] - trained / loop)
+    return {
+        "bare_step_images_per_second": round(bare),
+        "loop_images_per_second": round(loop),
+        "loop_over_bare": round(loop / bare, 3),
+        "validation_seconds": round(validation, 2),
+    }
+
+
+def host_syncs(target: Target, dataset: str, work: Path) -> dict[str, Any]:
+    """Synchronising CUDA calls per training step (second epoch) and per validation pass, and where from."""
+    import cifar_train.loop
+
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "no CUDA device: torch.cuda.set_sync_debug_mode needs one"}
+    counts: dict[str, list[int]] = {"train_one_epoch": [], "validate": []}
+    where: Counter[str] = Counter()
+    real = {name: getattr(cifar_train.loop, name) for name in counts}
+
+    def watched(name: str) -> Callable:
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = real[name](*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            counts[name].append(len(syncs))
+            where.update(f"{name}: {Path(w.filename).name}:{w.lineno}" for w in syncs)
+            return result
+
+        return call
+
+    for name in counts:
+        setattr(cifar_train.loop, name, watched(name))
+    try:
+        images = target.batch * 20
+        overrides = overrides_for(target, dataset, precision="bf16", mode="eager", images=images, epochs=2)
+        run_recipe(target.recipe, overrides, work, "syncs")
+    finally:
+        for name, function in real.items():
+            setattr(cifar_train.loop, name, function)
+    return {
+        "train_syncs_per_epoch": counts["train_one_epoch"],
+        "steps_per_epoch": images // target.batch,
+        "train_syncs_per_step": round(counts["train_one_epoch"][-1] / (images // target.batch), 3),
+        "validation_syncs_per_pass": counts["validate"],
+        "where": dict(where.most_common(8)),
+    }
+
+
+def projections(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """200 epochs of CIFAR-10 from each measured loop: training at its rate plus its validation of every epoch."""
+    found: dict[str, Any] = {}
+    for row in rows:
+        if row["phase"] != "throughput" or row["status"] != "ok" or row["target"] not in GOAL_MINUTES:
+            continue
+        minutes = 200 * (CIFAR10_TRAIN / row["loop_images_per_second"] + row["validation_seconds"]) / 60
+        goal = GOAL_MINUTES[row["target"]]
+        found[row["entry"]] = {"minutes_200_epochs": round(minutes, 1), "goal": goal, "meets_goal": minutes <= goal}
+    return found
+
+
+def _release() -> None:
+    """What an entry left behind (compiled graphs, CUDA graph pools, cached blocks) is not the next one's to carry."""
+    if "torch._dynamo" in sys.modules:  # (imported by the first compilation; not worth importing for nothing)
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def bare_step_rate(name: str, batch: int, config: dict[str, Any], *, in_chans: int, size: int, seconds: float) -> float:
-    """Images/s of the bare step: model, soft-target loss, backward and fused SGD on one batch on the device."""
-    import timm
-
-    import cifar_models  # noqa: F401
-    from cifar_train.losses import soft_cross_entropy
-    from cifar_train.optim import create_optimizer
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    memory = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, in_chans=in_chans).to(device, memory_format=memory).train()
-    optimizer = create_optimizer(model, name="sgd", lr=0.1)
-    images = torch.randn(batch, in_chans, size, size, device=device).contiguous(memory_format=memory)
-    targets = torch.nn.functional.one_hot(torch.randint(0, 10, (batch,), device=device), 10).float()
-    dtype = torch.bfloat16 if config["precision"] == "bf16" else None
-
-    def loss_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return soft_cross_entropy(model(x), t)
-
-    if config["compile"]:
-        torch._dynamo.reset()
-        loss_of = torch.compile(loss_of, mode=config["compile"])
-
-    def step() -> None:
-        loss = loss_of(images, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(3):  # warm-up: cuDNN autotuning, compilation
-        step()
-    _synchronize()
-    steps, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        for _ in range(10):
-            step()
-        _synchronize()
-        steps += 10
-    return steps * batch / (time.perf_counter() - started)
+# ----------------------------------------------------------------------------------------------------------
+# The plan
 
 
-def run_recipe(recipe_file: str, overrides: list[str], work: Path, name: str) -> tuple[dict[str, Any], list[dict]]:
-    """`cifar_train.train` on a recipe, quietly; returns (final metrics, metrics.jsonl rows)."""
-    from cifar_train.loop import train
-    from cifar_train.recipe import load_recipe
-    from cifar_train.rundir import read_metrics
-
-    recipe = load_recipe(ROOT / recipe_file, overrides, on_warning=lambda message: None)
-    run_dir = work / name
-    with contextlib.redirect_stdout(io.StringIO()):
-        final = train(recipe, run_dir, recipe_file=recipe_file, overrides=overrides, log=lambda message: None)
-    return final, read_metrics(run_dir)
-
-
-def loop_rate(
-    name: str, batch: int, config: dict[str, Any], *, dataset: str, work: Path, images: int
-) -> tuple[float, float]:
-    """The real loop: (training images/s, validation seconds per epoch), from the best epoch after the first
-    (which pays for warm-up and compilation). Every epoch validates on the whole test split."""
-    if config["compile"]:
-        torch._dynamo.reset()
-    overrides = [
-        f"model.name={name}", f"model.channels_last={str(config['channels_last']).lower()}",
-        f"model.compile={json.dumps(config['compile'])}", f"train.precision={config['precision']}",
-        f"data.dataset={json.dumps(dataset)}", f"data.train_limit={images}", f"train.batch_size={batch}",
-        "train.epochs=3", "train.checkpoint_every=100", "log.progress=false", "log.every_steps=100",
-        "schedule.name=cosine",
-    ]  # fmt: skip
-    run_name = f"loop-{name}-{len(os.listdir(work))}"
-    _, rows = run_recipe("recipes/experiments/resnet_preact20.toml", overrides, work, run_name)
-    best = max(rows[1:], key=lambda row: row["images_per_second"])
-    trained = images // batch * batch
-    return best["images_per_second"], max(0.0, best["epoch_seconds"] - trained / best["images_per_second"])
-
-
-def throughput(record: dict[str, Any], report: Report, *, smoke: bool, dataset: str, work: Path) -> None:
-    models = (("resnet20", 16),) if smoke else MODELS
-    configs = {"fp32_nchw": CONFIGS["fp32_nchw"]} if smoke else CONFIGS
-    in_chans, size = (1, 8) if smoke else (3, 32)
-    for name, batch in models:
-        for label, config in configs.items():
-            key = f"{name}@{batch} {label}"
-            if report.left() < 60 and not smoke:
-                record[key] = {"skipped": "time budget spent"}
+def check_modes(check: Check, targets, dataset: str, work: Path, *, smoke: bool) -> None:
+    for precision, mode in MODE_ORDER:
+        for target in targets:
+            entry = f"{target.key} {precision} {mode}"
+            fields = {"target": target.key, "precision": precision, "mode": mode}
+            if smoke and (mode, precision) != ("eager", "no"):
+                check.skip("modes", entry, "smoke: fp32 eager only (the rest is for a CUDA GPU)", **fields)
                 continue
-            bare = bare_step_rate(name, batch, config, in_chans=in_chans, size=size, seconds=0.5 if smoke else 4.0)
-            loop, validation = loop_rate(
-                name, batch, config, dataset=dataset, work=work, images=256 if smoke else 25_600
-            )
-            record[key] = {
-                "bare_step_images_per_second": round(bare),
-                "loop_images_per_second": round(loop),
-                "loop_over_bare": round(loop / bare, 3),
-                "validation_seconds": round(validation, 2),
-            }
-            print(f"{key}: bare {bare:,.0f} img/s, loop {loop:,.0f} img/s ({loop / bare:.2f})", flush=True)
-            report.write()
-
-
-def host_syncs(record: dict[str, Any], *, smoke: bool, dataset: str, work: Path) -> None:
-    """Synchronising calls inside one epoch of the loop (steady state, no periodic read inside the epoch)."""
-    import cifar_train.loop
-
-    if not torch.cuda.is_available():
-        record["skipped"] = "no CUDA device: torch.cuda.set_sync_debug_mode needs one"
-        return
-    counts: list[int] = []
-    real = cifar_train.loop.train_one_epoch
-
-    def watched(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = real(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchroniz" in str(w.message) for w in caught))
-        return result
-
-    cifar_train.loop.train_one_epoch = watched
-    try:
-        overrides = [f"data.dataset={json.dumps(dataset)}", "data.train_limit=12800", "train.epochs=2",
-                     "train.eval_every=100", "train.checkpoint_every=100", "log.every_steps=1000",
-                     "log.progress=false"]  # fmt: skip
-        run_recipe("recipes/experiments/resnet_preact20.toml", overrides, work, "syncs")
-    finally:
-        cifar_train.loop.train_one_epoch = real
-    steps = 12800 // 128
-    record.update(syncs_per_epoch=counts, steps_per_epoch=steps, syncs_per_step=round(counts[-1] / steps, 3))
-
-
-def accuracy(record: dict[str, Any], *, smoke: bool, dataset: str, work: Path) -> None:
-    epochs = 2 if smoke else 15
-    overrides = [f"train.epochs={epochs}", f"data.dataset={json.dumps(dataset)}", "log.progress=false"]
-    if smoke:
-        overrides += ["model.name=resnet20", "data.train_limit=256", "train.batch_size=32", "augment.crop_padding=1"]
-    command = "python train_accelerate.py recipes/experiments/resnet_preact20.toml " + " ".join(
-        f"--set {item}" for item in overrides
-    )
-    started = time.perf_counter()
-    final, rows = run_recipe("recipes/experiments/resnet_preact20.toml", overrides, work, "accuracy")
-    record.update(
-        command=command,
-        minutes=round((time.perf_counter() - started) / 60, 2),
-        epochs=[{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()} for row in rows],
-        final_top1=round(final["val_acc1"], 2),
-        best_top1=round(final["best_val_acc1"], 2),
-        train_images_per_second=round(max(row["images_per_second"] for row in rows[1:] or rows)),
-    )
-
-
-def projections(report: Report) -> dict[str, Any]:
-    """200 epochs of CIFAR-10 from the measured loop: training at its rate plus its validation of every epoch."""
-    measured = report.data["phases"].get("throughput", {})
-    found: dict[str, Any] = {}
-    for model, goal_key, batch in (("resnet_preact20", "resnet_preact20", 128), ("wrn28_10", "wrn28_10_ricap", 64)):
-        for label in CONFIGS:
-            row = measured.get(f"{model}@{batch} {label}", {})
-            if "loop_images_per_second" not in row:
+            if precision == "fp16" and not torch.cuda.is_available():
+                check.skip("modes", entry, "fp16 needs a CUDA GPU", **fields)
                 continue
-            minutes = 200 * (CIFAR10_TRAIN / row["loop_images_per_second"] + row["validation_seconds"]) / 60
-            goal = GOAL_MINUTES[goal_key]
-            found[f"{goal_key} {label}"] = {"minutes_200_epochs": round(minutes, 1), "goal_minutes": goal,
-                                            "meets_goal": minutes <= goal}  # fmt: skip
-    return found
+            kind = "eager" if mode == "eager" else "compile"
+            check.run(
+                "modes", entry, estimate=check.estimate(f"{target.key} {kind}", kind), cost_key=f"{target.key} {kind}",
+                fn=lambda t=target, p=precision, m=mode: short_epoch(t, dataset, work, precision=p, mode=m), **fields,
+            )  # fmt: skip
+        if (precision, mode) == ("bf16", "reduce-overhead") and not smoke:  # the same graphs, from inductor's cache
+            target = targets[0]
+            check.run(
+                "modes", f"{target.key} bf16 reduce-overhead grad_accum_steps=2", target=target.key, precision="bf16",
+                mode="reduce-overhead", grad_accum_steps=2,
+                estimate=check.estimate(f"{target.key} recompile", "recompile"), cost_key=f"{target.key} recompile",
+                fn=lambda t=target: short_epoch(
+                    t, dataset, work, precision="bf16", mode="reduce-overhead", extra=["train.grad_accum_steps=2"]
+                ),
+            )  # fmt: skip
+
+
+def check_throughput(check: Check, targets, dataset: str, work: Path, *, smoke: bool) -> None:
+    size = (1, 8, 8) if smoke else (3, 32, 32)
+    configs = THROUGHPUT_CONFIGS[2:3] if smoke else THROUGHPUT_CONFIGS  # smoke: fp32 eager, the CPU's mode
+    for config in configs:
+        for target in targets[:1] if smoke else targets:
+            check.run(
+                "throughput", f"{target.key}@{target.batch} {config[0]}", target=target.key, precision=config[1],
+                channels_last=config[2], mode=config[3],
+                estimate=check.estimate(f"throughput {target.key}", "throughput"), cost_key=f"throughput {target.key}",
+                fn=lambda t=target, c=config: throughput(t, dataset, work, c, size=size, seconds=0.5 if smoke else 2.0),
+            )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and the run folders")
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.jsonl")
     parser.add_argument("--dataset", default=str(ROOT / ".gpu" / "cifar10"), help="CIFAR-10 in the Hub's layout")
-    parser.add_argument("--smoke", action="store_true", help="a few seconds on a CPU (digits), for the tests")
-    parser.add_argument("--budget-minutes", type=float, default=7.5, help="the throughput phase stops in time")
+    parser.add_argument("--smoke", action="store_true", help="seconds on a CPU (scikit-learn's digits), for tests")
+    parser.add_argument("--budget-seconds", type=float, default=240.0, help="the whole check's time, from --started")
+    parser.add_argument("--started", type=float, default=None, help="when the check began (Unix time; default now)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.jsonl").unlink(missing_ok=True)
+    started = args.started or time.time()
+    check = Check(args.out, deadline=started + args.budget_seconds - 10)  # 10 s to print and exit
     dataset = "digits" if args.smoke else args.dataset
-    report = Report(args.out, args.budget_minutes * 60 - 150)  # keep ~2.5 minutes for the later phases
+    targets = SMOKE_TARGETS if args.smoke else TARGETS
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    os.environ.setdefault("CIFAR_RECIPES_CACHE", str(work / "cache"))
-    steps: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
-        ("environment", lambda r: r.update(environment())),
-        ("throughput", lambda r: throughput(r, report, smoke=args.smoke, dataset=dataset, work=work)),
-        ("host_syncs", lambda r: host_syncs(r, smoke=args.smoke, dataset=dataset, work=work)),
-        ("accuracy", lambda r: accuracy(r, smoke=args.smoke, dataset=dataset, work=work)),
-        ("projections", lambda r: r.update(projections(report))),
-    ]
-    for name, run in steps:
-        with report.phase(name) as record:
-            run(record)
-    print(json.dumps(report.data["phases"].get("projections", {}), indent=2))
-    print(f"report: {report.path}")
-    return 0
+    os.environ.setdefault("CIFAR_RECIPES_CACHE", str(ROOT / ".gpu" / "cache"))
+    try:
+        check.run("environment", "environment", environment, estimate=5.0)
+        check_modes(check, targets, dataset, work, smoke=args.smoke)
+        check_throughput(check, targets, dataset, work, smoke=args.smoke)
+        check.run(
+            "syncs", f"{targets[1].key} training and validation",
+            lambda: host_syncs(targets[1], dataset, work), estimate=check.estimate("syncs", "syncs"),
+        )  # fmt: skip
+        check.run("projections", "200 epochs", lambda: projections(check.rows), estimate=0.0)
+        if not args.smoke:
+            check_throughput(check, LATER_TARGETS, dataset, work, smoke=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    counts = Counter(row["status"] for row in check.rows)
+    print(f"{dict(counts)}; rows in {check.path}", flush=True)
+    return 1 if check.failed else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Papers:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from timm.data import Mixup
 from .errors import UserError
 from .schema import Findings, checked_section
 
-__all__ = ["BatchAugment", "check_augment", "normalize", "ricap", "soft_targets"]
+__all__ = ["BatchAugment", "Normalize", "check_augment", "normalize", "ricap", "soft_targets"]
 
 
 def _channel_tensors(
@@ -40,11 +41,27 @@ def _channel_tensors(
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 `(images / 255 - mean) / std` on the same device (evaluation)."""
-    if images.shape[1] != len(mean) or len(mean) != len(std):
-        raise ValueError(f"need one mean and std per channel ({images.shape[1]}), got mean={mean!r} std={std!r}")
-    scale, shift = _channel_tensors(mean, std, images.device)
-    return images.float().mul_(scale).sub_(shift)
+    """uint8 (B, C, H, W) -> float32 `(images / 255 - mean) / std` on the same device (evaluation).
+
+    It builds its constants on every call: for batch after batch, use `Normalize`, which builds them once.
+    """
+    return Normalize(mean, std, images.device)(images)
+
+
+class Normalize:
+    """`normalize` for one data source: the per-channel constants go to `device` once, at construction, so a
+    batch costs no host-to-device copy (on a GPU each copy from a Python list waits for the host)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str) -> None:
+        if len(mean) != len(std) or not mean:
+            raise ValueError(f"mean and std need one value per channel each, got mean={mean!r} std={std!r}")
+        self.channels = len(mean)
+        self.scale, self.shift = _channel_tensors(mean, std, torch.device(device))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] != self.channels:
+            raise ValueError(f"need one mean and std per channel ({images.shape[1]}), got {self.channels}")
+        return images.float().mul_(self.scale).sub_(self.shift)
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -173,6 +190,13 @@ def _random_erasing(
     return torch.where(mask.unsqueeze(1), value, images)
 
 
+@functools.lru_cache(maxsize=16)
+def _ricap_split(beta: float) -> torch.distributions.Beta:
+    """RICAP's Beta(beta, beta) for (w, h), built once per beta rather than from Python numbers every batch."""
+    concentration = torch.tensor([beta, beta])
+    return torch.distributions.Beta(concentration, concentration)
+
+
 def ricap(
     images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, beta: float, label_smoothing: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +207,7 @@ def ricap(
     positions) come from the CPU generator, permutations from the images' device generator.
     """
     batch, _, height, width = images.shape
-    split = torch.distributions.Beta(torch.tensor([beta, beta]), torch.tensor([beta, beta])).sample()
+    split = _ricap_split(beta).sample()
     w0 = int(torch.round(split[0] * width))
     h0 = int(torch.round(split[1] * height))
     sizes = ((h0, w0), (h0, width - w0), (height - h0, w0), (height - h0, width - w0))  # (h, w) per quadrant

@@ -17,6 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from timm.layers import convert_sync_batchnorm
 
 from .augment import BatchAugment
 from .errors import UserError, did_you_mean
@@ -33,11 +34,13 @@ __all__ = [
     "check_fit",
     "check_model",
     "check_push",
+    "check_sync_bn",
     "check_trackers",
     "launched_processes",
     "make_accelerator",
     "preflight",
     "resolve_precision",
+    "sync_batchnorm",
 ]
 
 
@@ -179,8 +182,32 @@ def preflight(recipe: Recipe, num_processes: int) -> int:
     check_trackers(recipe.log.trackers)
     t = recipe.train
     per_process = per_process_batch(t.batch_size, num_processes, subdivision=t.subdivision, mix=recipe.augment.mix)
+    check_sync_bn(t.sync_bn, num_processes=num_processes, cuda=torch.cuda.is_available())
     check_push(recipe.hub.push_to)
     return per_process
+
+
+def check_sync_bn(sync_bn: bool, *, num_processes: int, cuda: bool) -> None:
+    """`train.sync_bn` needs something to synchronise (several processes) and a backend that can (CUDA GPUs:
+    torch's SyncBatchNorm refuses CPU tensors in training)."""
+    if not sync_bn:
+        return
+    if num_processes < 2:
+        raise UserError(
+            f"train.sync_bn = true needs several processes, this run has {num_processes}: SyncBatchNorm shares "
+            "BatchNorm statistics across processes; launch with accelerate launch or torchrun, or set it false"
+        )
+    if not cuda:
+        raise UserError(
+            f"train.sync_bn = true needs CUDA GPUs: torch's SyncBatchNorm cannot train on CPU processes (here "
+            f"{num_processes}); set it false"
+        )
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm as its synchronised twin, same parameters and buffers; timm's converter, so that timm's fused
+    BatchNorm + activation layers (`BatchNormAct2d`, e.g. the CIFAR nets' last norm) keep their activation."""
+    return convert_sync_batchnorm(model)
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:

@@ -31,6 +31,7 @@ from .components import (
     launched_processes,
     make_accelerator,
     preflight,
+    sync_batchnorm,
 )
 from .data import open_training_data
 from .errors import Interrupted, NonFiniteLoss, UserError
@@ -40,7 +41,7 @@ from .progress import EpochProgress, print_summary
 from .recipe import flatten_recipe, recipe_to_toml
 from .rundir import RunDirectory, collect_env, resumed_recipe
 from .schema import Recipe, section_kwargs
-from .step import TrainStep
+from .step import TrainStep, nonfinite_stop
 from .wording import option, speaking
 
 __all__ = ["train", "train_one_epoch", "validate"]
@@ -81,6 +82,8 @@ def train(
             data = open_training_data(**section_kwargs(recipe.data), seed=t.seed, say=say, classes=classes)
         check_fit(recipe, num_classes=data.info.num_classes, image_size=data.info.image_size)
         model = build_model(recipe, num_classes=data.info.num_classes, in_chans=data.info.channels)
+        if t.sync_bn:  # before `prepare` wraps the model (preflight checked: several CUDA processes)
+            model = sync_batchnorm(model)
         model = model.to(accelerator.device, memory_format=_memory_format(recipe))
         optimizer = build_optimizer(model, recipe)  # after the move: fused kernels are chosen by device
         batches, val_batches = _batch_sources(accelerator, data, recipe, per_process_batch)
@@ -196,7 +199,7 @@ def train_one_epoch(
     _synchronize(accelerator.device)
     seconds = time.perf_counter() - started
     summary, (stop_now,) = step.metrics.read(accelerator, bool(stop))
-    _check_finite(summary, state, step.nonfinite_loss)
+    _check_finite(summary, state, step)
     state.skipped_steps += summary["skipped"]
     row = {
         "epoch": epoch + 1,
@@ -212,7 +215,7 @@ def train_one_epoch(
 def _read_point(step, scheduler, state, progress, stop, started: float, images: int) -> bool:
     """The periodic read: metrics (and the stop flag, agreed over processes) to the host once; returns stop."""
     summary, (stop_now,) = step.metrics.read(step.accelerator, bool(stop))
-    _check_finite(summary, state, step.nonfinite_loss)
+    _check_finite(summary, state, step)
     lr = scheduler.get_last_lr()[0]
     step.accelerator.log(
         {"train/loss": summary["loss"], "train/acc1": summary["acc1"], "lr": lr}, step=state.global_step
@@ -224,12 +227,12 @@ def _read_point(step, scheduler, state, progress, stop, started: float, images: 
     return stop_now
 
 
-def _check_finite(summary: dict[str, Any], state: TrainState, policy: str) -> None:
-    if policy == "stop" and summary["nonfinite"]:
+def _check_finite(summary: dict[str, Any], state: TrainState, step: TrainStep) -> None:
+    reason = nonfinite_stop(summary, policy=step.nonfinite_loss, scaled=step.scaler is not None)
+    if reason:
         raise NonFiniteLoss(
-            f"the loss is not finite (NaN or inf) at step {summary['first_nonfinite']} (seen at the metrics read after "
-            f"step {state.global_step}); stopping. The last good checkpoint is kept (resume with "
-            f"{option('resume', 'RUN_DIR')}; set "
+            f"{reason} (seen at the metrics read after step {state.global_step}); stopping. The last good checkpoint "
+            f"is kept (resume with {option('resume', 'RUN_DIR')}; set "
             'train.nonfinite_loss = "skip" to skip such steps, or lower optim.lr)'
         )
 

@@ -22,6 +22,7 @@ from .errors import UserError, did_you_mean
 
 __all__ = [
     "COMPILE_MODES",
+    "FP16_STOP_AFTER",
     "MIXES",
     "NONFINITE_POLICIES",
     "PADDING_MODES",
@@ -54,6 +55,7 @@ SCHEDULES = ("constant", "multistep", "linear", "cosine", "sgdr")
 WARMUPS = ("none", "linear", "exponential")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 NONFINITE_POLICIES = ("stop", "skip")
+FP16_STOP_AFTER = 20  # optimizer steps in a row with a non-finite loss after which "stop" stops an fp16 run
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
 
 
@@ -164,6 +166,9 @@ class TrainConfig:
     val_batch_size: int = _opt(256, "global validation batch", ge=1)
     grad_accum_steps: int = _opt(1, "batches per optimizer step", ge=1)
     subdivision: int = _opt(1, "the seed's ghost batch: chunks per batch, forward/backward each, one step", ge=1)
+    sync_bn: bool = _opt(
+        False, "SyncBatchNorm: BatchNorm statistics over every process's batch (several CUDA processes only)"
+    )
     precision: str = _opt(
         "auto", "auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; no = fp32", choices=PRECISIONS
     )
@@ -178,7 +183,10 @@ class TrainConfig:
     checkpoint_every: int = _opt(10, "epochs between checkpoints; the last epoch always saves", ge=1)
     keep_checkpoints: int = _opt(2, "newest checkpoints kept", ge=1)
     nonfinite_loss: str = _opt(
-        "stop", "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the step", choices=NONFINITE_POLICIES
+        "stop",
+        "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the step; under fp16 the gradient scaler "
+        f"skips such steps itself and stop waits for {FP16_STOP_AFTER} in a row",
+        choices=NONFINITE_POLICIES,
     )
 
 

@@ -11,8 +11,15 @@ already be NaN by then; the last good checkpoint is kept). With `"skip"` the opt
 device, the way gradient scalers do: fused SGD/Adam/AdamW take a `found_inf` flag. Other optimizers (LARS,
 AdaBound, timm's) have no such kernel, so under `"skip"` they read one flag per step.
 
+Under fp16 Accelerate's gradient scaler already skips every step whose gradients are not finite (a gradient
+overflow while its scale settles, and every step with a non-finite loss, whose gradients are NaN too), so no
+inf/NaN ever reaches the weights. Those non-finite-loss steps are counted as skipped under either policy, and
+`"stop"` stops only when the loss stays non-finite for `FP16_STOP_AFTER` optimizer steps in a row: while every
+step is skipped the weights cannot change, so the run has stalled (see `nonfinite_stop`).
+
 With `compile`, the forward pass and the loss are one `torch.compile`d function; autograd then runs the
-compiled backward, so the whole step is compiled, not only the forward.
+compiled backward, so the whole step is compiled, not only the forward. Compiled steps keep their gradients in
+buffers allocated once (see `persistent_gradients`); validation runs the model eagerly (see `TrainStep`).
 """
 
 from __future__ import annotations
@@ -27,9 +34,21 @@ from accelerate import Accelerator
 
 from .errors import UserError
 from .losses import dual_cutout_loss, soft_correct, soft_cross_entropy
-from .schema import COMPILE_MODES, Findings
+from .schema import COMPILE_MODES, FP16_STOP_AFTER, Findings
 
-__all__ = ["RunningMetrics", "TrainStep", "check_step", "compile_mode", "per_process_batch"]
+__all__ = [
+    "CUDA_GRAPH_MODES",
+    "FP16_STOP_AFTER",
+    "RunningMetrics",
+    "TrainStep",
+    "check_step",
+    "compile_mode",
+    "nonfinite_stop",
+    "per_process_batch",
+    "persistent_gradients",
+]
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes whose steps replay CUDA graphs
 
 
 def check_step(*, batch_size: int, subdivision: int, grad_accum_steps: int) -> Findings:
@@ -69,17 +88,70 @@ def compile_mode(compile: bool | str) -> str | None:
     return "default" if compile is True else compile
 
 
+def persistent_gradients(*, mode: str | None, chunks: int, channels_last: bool) -> bool:
+    """Whether a compiled step keeps every gradient in a buffer allocated once, before the first backward, with its
+    parameter's exact layout, and zeroes it in place after each optimizer step instead of setting it to None.
+
+    `chunks` counts the backward passes per optimizer step (`train.subdivision` x `train.grad_accum_steps`).
+    The compiled backward hands its gradients to autograd, which keeps them as `.grad` when none exists yet. Two
+    things then go wrong that such buffers (an in-place add of each backward's gradient) prevent:
+
+    - CUDA graphs (`reduce-overhead`, `max-autotune`) with several backward passes per step: the handed-over
+      gradient lives in the graphs' memory pool, and the next chunk's replay overwrites it before that chunk's
+      gradient is added to it (torch then raises "accessing ... tensor output of CUDAGraphs that has been
+      overwritten"). A buffer allocated outside the graphs is not theirs to reuse.
+    - NCHW parameters: inductor runs convolutions in channels_last and returns the gradients of 1x1 convolutions
+      with channels_last strides; autograd accepts them (they differ only in size-1 dimensions), the fused
+      SGD/Adam/AdamW kernels refuse them on a GPU. A `zeros_like(param)` buffer has the parameter's strides.
+
+    Otherwise torch's default stays, which saves one add per parameter and backward: with channels_last
+    parameters (`model.channels_last`, the default) inductor's convolution gradients share their layout, and an
+    unsplit step with CUDA graphs uses its gradients before the next replay. (With buffers, a parameter that no
+    forward pass uses has a zero gradient rather than none, so weight decay still reaches it; every CIFAR model
+    here uses all of its parameters.)
+    """
+    if mode is None:
+        return False
+    return (mode in CUDA_GRAPH_MODES and chunks > 1) or not channels_last
+
+
+def nonfinite_stop(summary: dict[str, Any], *, policy: str, scaled: bool) -> str | None:
+    """Why the run must stop for non-finite losses (the start of the loop's message), or None to go on.
+
+    `summary` is a `RunningMetrics.read()`; `scaled` says that a gradient scaler (fp16) checks every step. "skip"
+    never stops. "stop" stops at the first non-finite loss, except under a scaler: it has already skipped those
+    steps (their gradients are not finite either), so a short spell, e.g. one batch overflowing fp16 in the
+    forward pass, costs nothing, and the run stops only after `FP16_STOP_AFTER` such steps in a row, when it
+    has stalled (no step changes the weights, so the next batches overflow the same way).
+    """
+    if policy != "stop" or not summary["nonfinite"]:
+        return None
+    first = summary["first_nonfinite"]
+    if not scaled:
+        return f"the loss is not finite (NaN or inf) at step {first}"
+    if summary["skipped_run"] < FP16_STOP_AFTER:
+        return None
+    return (
+        f"the loss was not finite (NaN or inf) in {summary['skipped_run']} optimizer steps in a row under fp16 "
+        f"(the first non-finite one at step {first}); the gradient scaler skipped them, so the weights have not "
+        "changed since"
+    )
+
+
 class RunningMetrics:
     """Running sums of one epoch on the device: loss x images and soft-correct images over the finite batches,
-    images, non-finite batches, skipped steps, and the first non-finite batch's optimizer step.
+    images, non-finite batches, skipped steps, the longest run of skipped steps, and the first non-finite batch's
+    optimizer step.
 
     `read()` is the one host read: the sums over every process as Python numbers.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x images, correct, images
-        self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # non-finite batches, skipped steps
+        # non-finite batches, skipped steps, longest run of consecutive skipped steps
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)
         self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=device)  # optimizer step, 1-based
+        self.skip_run = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps in a row, up to now
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, finite: torch.Tensor, step: int) -> None:
         """One batch. A non-finite batch is counted, and left out of the sums."""
@@ -91,53 +163,69 @@ class RunningMetrics:
         self.counts[0].add_(bad.long())
 
     def skipped(self, bad: torch.Tensor) -> None:
-        self.counts[1].add_(bad.long())
+        """One optimizer step, skipped where `bad` (the same on every process)."""
+        bad = bad.long()
+        self.counts[1].add_(bad)
+        self.skip_run.mul_(bad).add_(bad)
+        self.counts[2].copy_(torch.maximum(self.counts[2], self.skip_run))
 
     def _over_processes(self, accelerator: Accelerator, extra: torch.Tensor) -> list[float]:
-        """sums, counts, `extra` (summed) and the first non-finite step (the earliest) over every process: one read."""
-        packed = torch.cat([self.sums, self.counts.double(), extra])
-        first = self.first_nonfinite[None].double()
+        """Everything over every process, in one host read: the sums, the non-finite batches and `extra` summed;
+        skipped steps and their longest run as every process agreed them (each counts the same: taken once, not
+        summed); the first non-finite step, the earliest."""
+        summed = torch.cat([self.sums, self.counts[:1].double(), extra])
+        first = self.first_nonfinite.double()
+        first = torch.where(first > 0, first, math.inf)
+        agreed = torch.stack([self.counts[1].double(), self.counts[2].double(), first])
         if accelerator.num_processes > 1:
-            packed = accelerator.reduce(packed, reduction="sum")
-            first = accelerator.gather(first)
-            first = torch.where(first > 0, first, torch.full_like(first, math.inf)).min()[None]
-        return torch.cat([packed, first]).tolist()  # the host read
+            summed = accelerator.reduce(summed, reduction="sum")
+            gathered = accelerator.gather(agreed[None])
+            agreed = torch.cat([gathered[:, :2].max(dim=0).values, gathered[:, 2].min()[None]])
+        return torch.cat([summed, agreed]).tolist()  # the host read
 
     def read(self, accelerator: Accelerator, *flags: bool) -> tuple[dict[str, Any], list[bool]]:
         """The sums over all processes, and `flags` OR-ed over processes (a stop request), in one read."""
         extra = torch.tensor([float(f) for f in flags], dtype=torch.float64).to(self.sums.device, non_blocking=True)
         values = self._over_processes(accelerator, extra)
-        loss, correct, images, nonfinite, skipped = values[:5]
+        loss, correct, images, nonfinite = values[:4]
+        skipped, run, first_step = values[-3:]
         summary = {
             "loss": loss / images if images else float("nan"),
             "acc1": 100.0 * correct / images if images else 0.0,
             "images": int(images),
             "nonfinite": int(nonfinite),
             "skipped": int(skipped),
-            "first_nonfinite": int(values[-1]) if math.isfinite(values[-1]) and values[-1] > 0 else None,
+            "skipped_run": int(run),
+            "first_nonfinite": int(first_step) if math.isfinite(first_step) else None,
         }
-        return summary, [v > 0 for v in values[5:-1]]
+        return summary, [v > 0 for v in values[4:-3]]
 
     def state_dict(self, accelerator: Accelerator) -> dict[str, Any]:
-        """The sums of every process together (a collective: every process calls it), so that a run resumed on any
-        number of processes continues them: the first process loads the totals, the others start at zero."""
-        values = self._over_processes(accelerator, self.sums.new_zeros(0))
-        first = values[-1]
+        """The epoch's numbers over every process (a collective: every process calls it), so that a run resumed on
+        any number of processes continues them: the first process loads the totals, the others start at zero."""
+        loss, correct, images, nonfinite, skipped, run, first = self._over_processes(
+            accelerator, self.sums.new_zeros(0)
+        )
         return {
-            "sums": values[:3],
-            "counts": [int(v) for v in values[3:5]],
-            "first": int(first) if math.isfinite(first) and first > 0 else -1,
+            "sums": [loss, correct, images],
+            "counts": [int(nonfinite), int(skipped), int(run)],
+            "first": int(first) if math.isfinite(first) else -1,
+            "skip_run": int(self.skip_run),  # the same on every process
         }
 
     def load_state_dict(self, state: dict[str, Any], *, main_process: bool = True) -> None:
-        """The checkpoint's totals on the first process; zero elsewhere (see `state_dict`)."""
+        """The checkpoint's totals on the first process, zero elsewhere (see `state_dict`); the current run of
+        skipped steps on every process, which each continues."""
         self.reset()
+        self.skip_run.fill_(state.get("skip_run", 0))
         if main_process:
+            counts = [*state["counts"], 0][:3]  # checkpoints written before the longest run was kept have two
             self.sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
-            self.counts.copy_(torch.tensor(state["counts"], dtype=torch.int64))
+            self.counts.copy_(torch.tensor(counts, dtype=torch.int64))
             self.first_nonfinite.fill_(state["first"])
 
     def reset(self) -> None:
+        """A new epoch (a run of skipped steps goes on across it)."""
         self.sums.zero_()
         self.counts.zero_()
         self.first_nonfinite.fill_(-1)
@@ -176,14 +264,22 @@ class TrainStep:
         self.channels_last = channels_last
         self.metrics = RunningMetrics(accelerator.device)
         self._group_finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+        self.scaler = accelerator.scaler  # fp16: Accelerate's GradScaler; it skips steps with non-finite gradients
         inner = getattr(optimizer, "optimizer", optimizer)
-        self._device_skip = getattr(inner, "_step_supports_amp_scaling", False) and accelerator.scaler is None
+        self._device_skip = getattr(inner, "_step_supports_amp_scaling", False) and self.scaler is None
         self.mode = compile_mode(compile)
+        chunks = subdivision * accelerator.gradient_accumulation_steps
+        self.persistent_grads = persistent_gradients(mode=self.mode, chunks=chunks, channels_last=channels_last)
+        if self.persistent_grads:
+            _allocate_gradients(model)
         self._loss_fn = self._loss_and_correct
-        self.eval_model = model  # what validation calls: the same weights, compiled on its own when asked
         if self.mode is not None:
-            self._loss_fn = torch.compile(self._loss_and_correct, mode=self.mode, backend=compile_backend)
-            self.eval_model = torch.compile(model, mode=self.mode, backend=compile_backend)
+            options = {"mode": self.mode} if compile_backend == "inductor" else {}  # the modes are inductor's presets
+            self._loss_fn = torch.compile(self._loss_and_correct, backend=compile_backend, **options)
+        # Validation calls the model uncompiled. Compiling it too would not reuse the step's graph but add a second
+        # compilation (eval-mode BatchNorm and no backward make another graph, and with CUDA graphs a second set of
+        # recorded graphs) for a pass over the validation split that is a small share of an epoch's time.
+        self.eval_model = model
 
     def _loss_and_correct(
         self, views: tuple[torch.Tensor, ...], targets: torch.Tensor
@@ -214,7 +310,7 @@ class TrainStep:
         correct = torch.zeros((), device=images.device)
         for j, target in enumerate(chunk_targets):
             last = j == len(chunk_targets) - 1
-            if self.mode == "reduce-overhead":
+            if self.mode in CUDA_GRAPH_MODES:  # a new replay: the previous chunk's graph outputs are used up
                 torch.compiler.cudagraph_mark_step_begin()
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 loss, chunk_correct = self._loss_fn(tuple(c[j] for c in chunks), target)
@@ -240,18 +336,23 @@ class TrainStep:
     def _optimizer_step(self) -> None:
         if self.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if self.nonfinite_loss == "skip":
+        if self.scaler is not None or self.nonfinite_loss == "skip":
             bad = ~self._group_finite
-            if self.accelerator.num_processes > 1:  # every rank must skip together
+            if self.accelerator.num_processes > 1:  # every rank skips together, and counts the same
                 bad = self.accelerator.reduce(bad.float(), reduction="sum") > 0
             self.metrics.skipped(bad)
-            if self._device_skip:
+            if self.scaler is not None:
+                # Under fp16 the scaler decides: it skips a step whose gradients are not finite, and a non-finite
+                # loss (fp16 logits that overflowed) always has such gradients. Stepping it on every step also keeps
+                # its state consistent (an unscale_ for clipping must be followed by step and update).
+                self.optimizer.step()
+            elif self._device_skip:
                 self._gated_step(bad)
             elif not bool(bad):  # the one host read of "skip" on optimizers without a found_inf kernel
                 self.optimizer.step()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.persistent_grads)
         self._group_finite.fill_(True)
 
     def _gated_step(self, bad: torch.Tensor) -> None:
@@ -269,3 +370,11 @@ class TrainStep:
             self.optimizer.step()
         finally:
             del inner.grad_scale, inner.found_inf
+
+
+def _allocate_gradients(model: nn.Module) -> None:
+    """A zero gradient for every trainable parameter, with the parameter's own strides (`zeros_like` keeps them),
+    allocated here, outside any CUDA graph; autograd then adds each backward's gradient into it in place."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)

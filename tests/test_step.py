@@ -265,3 +265,40 @@ def test_validation_over_padded_batches_equals_the_plain_computation(batch_size)
     assert got["val_acc1"] == 100.0 * (logits.argmax(dim=1) == split.labels).sum().item() / 50
     assert got["val_acc5"] == 100.0 * top5.sum().item() / 50
     assert got["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-6)
+
+
+class PythonTensors(HostReads):
+    """Counts tensors built from Python data (`torch.tensor`, `as_tensor`, `asarray`, `new_tensor`) by cifar_train
+    or accelerate code: on a GPU each one is a host-to-device copy that waits for the host. (A fill such as
+    `torch.full((), n)` passes its value to a kernel, and is not one.)"""
+
+    READS: ClassVar[set[str]] = {"tensor", "as_tensor", "asarray", "new_tensor"}
+
+
+def test_no_tensor_is_built_from_python_values_per_batch(tmp_path, digits_dir, monkeypatch):
+    """After the first batch has built the augmentation's constants, a training epoch builds one tensor (the stop
+    flag at its one read) whatever its number of batches, and validation none. (Before: normalisation built its
+    mean and std for every validation batch, RICAP its Beta distribution for every training batch.)"""
+    recipe = write_recipe(
+        tmp_path / "r.toml", digits_dir,
+        augment={"mix": "ricap", "cutout": 4, "random_erasing": True, "crop_padding": 1, "hflip": True},
+        train={"epochs": 2, "val_batch_size": 64, "checkpoint_every": 100}, log={"every_steps": 1000},
+    )  # fmt: skip
+    counts: dict[str, list[Counter]] = {"train_one_epoch": [], "validate": []}
+
+    def counted(name: str):
+        real = getattr(cifar_train.loop, name)
+
+        def call(*args, **kwargs):
+            with PythonTensors() as made:
+                result = real(*args, **kwargs)
+            counts[name].append(made.where)
+            return result
+
+        monkeypatch.setattr(cifar_train.loop, name, call)
+
+    counted("train_one_epoch")
+    counted("validate")
+    cifar_train.loop.train(load_recipe(recipe), tmp_path / "run", log=lambda message: None)
+    assert sum(counts["train_one_epoch"][1].values()) == 1, counts  # 4 batches, one read
+    assert [sum(c.values()) for c in counts["validate"]] == [0, 0], counts  # 6 batches each

@@ -110,9 +110,9 @@ class MemoryEvalBatches:
         rank: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        from cifar_train.augment import normalize  # (imports timm: only where evaluation really runs)
+        from cifar_train.augment import Normalize  # (imports timm: only where evaluation really runs)
 
-        self._normalize = lambda images: normalize(images, mean, std)
+        self._normalize = Normalize(mean, std, device)  # its constants go to the device once, not per batch
         self.num_samples = len(split)
         start, stop, self.num_batches = eval_block(len(split), batch_size, num_replicas, rank)
         self.batch_size = batch_size
