@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_main, tree, write_imagefolder, write_parquet_dataset
+from helpers import ROOT, run_main, tree, write_imagefolder, write_parquet_dataset, write_recipe
 
 from cifar_train.cli import main
 from cifar_train.recipe import load_recipe
@@ -67,6 +67,15 @@ def stand_ins(tmp_path_factory) -> dict[str, Path]:
             "imagenet": imagenet}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def extendable_run(tmp_path_factory, digits_dir) -> Path:
+    """A finished one-epoch run on a multistep schedule, which `--resume RUN --set train.epochs=N` can extend."""
+    root = tmp_path_factory.mktemp("extendable")
+    recipe = write_recipe(root / "r.toml", digits_dir, schedule={"name": "multistep"}, train={"epochs": 1})
+    assert run_main(main, str(recipe), "--output-dir", str(root / "run")).returncode == 0
+    return root / "run"
+
+
 COMMANDS = documented_commands()
 
 
@@ -78,15 +87,16 @@ def test_the_documents_hold_the_commands_they_promise():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[where for where, _ in COMMANDS])
-def test_every_documented_command_dry_runs(tmp_path, stand_ins, tiny_run, where, command):
+def test_every_documented_command_dry_runs(tmp_path, stand_ins, tiny_run, extendable_run, where, command):
     args = train_arguments(command)
     if args == ["--show-defaults"]:  # prints the schema; nothing to dry-run
         result = run_main(main, *args)
         assert result.returncode == 0 and "[schedule]\nname = " in result.stdout, f"{where}: {command}"
         return
-    if "--resume" in args:  # a run to resume: a copy of a finished one
+    if "--resume" in args:  # a run to resume: a copy of a finished one (one whose schedule can grow, if asked to)
         at = args.index("--resume") + 1
-        shutil.copytree(tiny_run.run_dir, tmp_path / "resumable")
+        longer = any(a.startswith("train.epochs=") for i, a in enumerate(args) if i and args[i - 1] == "--set")
+        shutil.copytree(extendable_run if longer else tiny_run.run_dir, tmp_path / "resumable")
         args[at] = str(tmp_path / "resumable")
     else:
         for i, arg in enumerate(args):  # ../shared's CIFAR-10 copy, absent beside a user's clone: its stand-in

@@ -606,7 +606,8 @@ def test_describe_dataset_writes_nothing_and_answers_offline_for_a_hub_id(
     assert parquet["channels"] == 3 and parquet["image_size"] == [8, 8] and parquet["problems"] == []
     assert folder["layout"] == "imagefolder" and folder["splits"] == {"train": 6, "validation": 3}
     assert folder["channels"] == 1 and folder["problems"] == [
-        "data.val_split: split 'test' not found; this dataset has: train, validation"
+        "data.val_split: split 'test' not found; this dataset has: train, validation (or set data.val_split = \"\" "
+        "with data.val_fraction > 0 to hold out part of train)"
     ]
     assert disk["layout"] == "save_to_disk" and disk["splits"] == {"train": 3, "test": 2} and disk["num_classes"] == 3
     assert hub["reachable"] is False and "offline" in hub["reason"] and hub["resolved"] == "uoft-cs/cifar100"

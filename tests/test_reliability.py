@@ -144,7 +144,7 @@ def test_resume_and_overwrite_together_are_refused(tiny_run):
     run_dir = tiny_run.run_dir
     before = tree(run_dir)
     assert_one_line_error(
-        run_main(main, "--resume", str(run_dir), "--overwrite"), "--resume and --overwrite contradict"
+        run_main(main, "--resume", str(run_dir), "--overwrite"), f"--resume {run_dir} and --overwrite contradict"
     )
     assert tree(run_dir) == before
 
