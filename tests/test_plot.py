@@ -77,6 +77,15 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert not (tmp_path / "d.png").exists()
 
 
+@pytest.mark.parametrize("name", ["curves.xyz", "curves"])
+def test_an_output_format_matplotlib_cannot_write_is_one_line(tmp_path, capsys, name):
+    run = _write_run(tmp_path / "run", _records(2))
+    assert main([str(run), "--out", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --out {str(tmp_path / name)!r}: matplotlib cannot write")
+    assert ".png" in err and "Traceback" not in err and not (tmp_path / name).exists()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [("", "no epochs"), ('{"epoch": 1}\nnot json\n', "line 2 is not JSON"), ('{"lr": 0.1}\n', "line 1 has no 'epoch'")],

@@ -182,3 +182,15 @@ def test_a_fresh_run_that_fails_before_its_first_epoch_leaves_no_run_directory(t
         raise RuntimeError("stopped while starting")
     assert existing.is_dir() and not any(existing.iterdir())  # emptied by --overwrite, as asked; nothing half-made
     shutil.rmtree(existing)
+
+
+def test_an_alias_is_shown_as_the_alias_not_the_folder_it_is_cached_in(tmp_path):
+    """`digits` is written once into the decode cache; the lines people read name `digits`, not that folder."""
+    recipe = write_recipe(tmp_path / "r.toml", "digits", train={"epochs": 1})
+    result = run_main(main, str(recipe), "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("data: ") and "decoding" not in line]
+    assert len(lines) == 2 and all(line.startswith("data: digits [") for line in lines), lines
+    assert "sklearn_digits" not in result.stdout + result.stderr
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "trained on digits (scikit-learn's 8x8 handwritten digits)" in card and "sklearn_digits" not in card
