@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -123,6 +124,14 @@ def assert_one_line_error(result, *fragments: str, status: int = 2) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's rendezvous: fixed ports collide when two test workers
+    launch at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240, poll: float = 0.002):

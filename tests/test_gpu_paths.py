@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from helpers import ROOT, assert_one_line_error, run_main, write_recipe
+from helpers import ROOT, assert_one_line_error, free_port, run_main, write_recipe
 from test_step import HostReads
 
 import cifar_models  # noqa: F401
@@ -233,7 +233,7 @@ def test_sync_bn_on_cpu_processes_under_torchrun_is_refused_before_any_work(tmp_
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
     result = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             str(ROOT / "train_accelerate.py"), str(recipe), "--output-dir", str(tmp_path / "run"),
         ],
         capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT,

@@ -15,7 +15,16 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TRAIN_SCRIPT, assert_one_line_error, assert_same_weights, read_metrics, run_main, write_recipe
+from helpers import (
+    ROOT,
+    TRAIN_SCRIPT,
+    assert_one_line_error,
+    assert_same_weights,
+    free_port,
+    read_metrics,
+    run_main,
+    write_recipe,
+)
 
 from cifar_train.cli import main
 
@@ -70,10 +79,10 @@ def test_a_checkpoint_continues_on_another_number_of_processes(tmp_path, digits_
     recipe = write_recipe(tmp_path / "r.toml", digits_dir, schedule=MULTISTEP, train={"epochs": 1, "batch_size": 64})
     run = tmp_path / "run"
     start = ["--output-dir", str(run)]
-    made = _torchrun(str(recipe), *start, port=29541) if first == 2 else run_main(main, str(recipe), *start)
+    made = _torchrun(str(recipe), *start, port=free_port()) if first == 2 else run_main(main, str(recipe), *start)
     assert made.returncode == 0, made.stderr[-3000:]
     more = ["--resume", str(run), "--set", "train.epochs=2"]
-    result = _torchrun(*more, port=29542) if then == 2 else run_main(main, *more)
+    result = _torchrun(*more, port=free_port()) if then == 2 else run_main(main, *more)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     warning = f"the checkpoint was written by {first} process(es), this run has {then}"

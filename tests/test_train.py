@@ -21,6 +21,7 @@ from helpers import (
     TINY_STEPS_PER_EPOCH,
     assert_one_line_error,
     assert_same_weights,
+    free_port,
     read_metrics,
     run_main,
     tree,
@@ -166,7 +167,7 @@ def test_two_processes_under_torchrun_without_extra_variables(tmp_path, digits_d
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
     result = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             str(ROOT / "train_accelerate.py"), str(recipe), "--output-dir", str(run_dir),
         ],
         capture_output=True, text=True, timeout=400, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
@@ -212,7 +213,7 @@ def test_two_machines_on_localhost_under_accelerate_launch(tmp_path, digits_dir)
             [
                 sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                 "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                "--main_process_port", "29571", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                 str(ROOT / "train_accelerate.py"), str(recipe), "--output-dir", str(run_dir),
             ],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
