@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from helpers import ROOT, assert_one_line_error, free_port, run_main, write_recipe
-from test_step import HostReads
+from test_step import HostReads, _step
 
 import cifar_models  # noqa: F401
 from cifar_train.cli import main
@@ -38,17 +38,6 @@ def _twins(make=_tiny_net) -> tuple[nn.Module, nn.Module]:
     model, twin = make(), make()
     twin.load_state_dict(model.state_dict())
     return model, twin
-
-
-def _step(model: nn.Module, accelerator: Accelerator | None = None, **options) -> TrainStep:
-    accelerator = accelerator or Accelerator(cpu=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    settings = dict(
-        subdivision=1, dual_cutout_alpha=0.0, label_smoothing=0.0, grad_clip=0.0, nonfinite_loss="stop",
-        channels_last=False,
-    )  # fmt: skip
-    return TrainStep(accelerator, model, optimizer, **{**settings, **options})
 
 
 def _batch(size: int = 8, seed: int = 0, spatial: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +69,13 @@ def test_cuda_graph_modes_add_every_chunk_into_gradient_buffers_allocated_before
     def accelerator() -> Accelerator:
         return Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
 
-    graphed = _step(model, accelerator(), subdivision=subdivision, compile=mode, compile_backend="aot_eager")
+    graphed = _step(
+        model, accelerator=accelerator(), subdivision=subdivision, compile=mode, compile_backend="aot_eager"
+    )
     buffers = {name: p.grad for name, p in model.named_parameters()}
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.stride() == p.stride() and not p.grad.any(), name
-    eager = _step(twin, accelerator(), subdivision=subdivision)
+    eager = _step(twin, accelerator=accelerator(), subdivision=subdivision)
     batches = [_batch(seed=seed) for seed in range(2 * accumulate)]  # two optimizer steps
     for index, (images, targets) in enumerate(batches):
         graphed(images, targets, index // accumulate + 1)
@@ -145,7 +136,7 @@ def _scaled_step(model: nn.Module, **options) -> TrainStep:
     `accelerator.backward`, and `AcceleratedOptimizer.step` runs `scaler.step` and `scaler.update`, as on a GPU."""
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    return _step(model, accelerator, **options)
+    return _step(model, accelerator=accelerator, **options)
 
 
 def _poisoned(images: torch.Tensor) -> torch.Tensor:
