@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import Interrupted, NonFiniteLoss, UserError
+from .schema import TTA_MODES
 
 __all__ = ["evaluate_main", "guarded", "main"]
 
@@ -154,7 +155,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="Hub id, alias or local path (default: the run's recipe)")
     parser.add_argument("--split", help="split to evaluate (default: the run's validation split, else 'test')")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: flip averages image and mirror")
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        help="test-time augmentation: flip averages image and mirror; flip_translate also one-pixel moves of both",
+    )
     parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl", help="write per-sample predictions")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
     parser.add_argument(

@@ -12,7 +12,6 @@ Accuracies, per-class accuracies and the expected calibration error (ECE) are in
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 from cifar_train.errors import UserError
 from cifar_train.export import WEIGHTS_FILE
 from cifar_train.losses import classification_sums
+from cifar_train.schema import TTA_MODES
+from cifar_train.tta import tta_log_probs
 
 __all__ = [
     "ECE_BINS",
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 ECE_BINS = 15  # equal-width confidence bins
-TTA_MODES = ("flip",)
 RECIPE_FILE = "recipe.toml"
 
 
@@ -273,15 +273,14 @@ def predict(
     images: torch.Tensor,  # (B, C, H, W) normalised float on the model's device
     tta: str | None = None,
 ) -> torch.Tensor:
-    """Log-probabilities `(B, K)`; with `tta="flip"` the log of the mean softmax of the image and its mirror."""
-    images = images.contiguous(memory_format=torch.channels_last)
-    log_probs = F.log_softmax(model(images).float(), dim=1)
-    if tta is None:
-        return log_probs
-    if tta != "flip":
+    """Log-probabilities `(B, K)`; with `tta` the log of the weighted mean softmax of its views (`cifar_train.tta`:
+    "flip" the image and its mirror, "flip_translate" also one-pixel moves of both)."""
+    if tta is not None and tta not in TTA_MODES:
         raise ValueError(f"tta={tta!r} is not supported; choose None or one of {', '.join(TTA_MODES)}")
-    mirrored = F.log_softmax(model(images.flip(dims=(3,))).float(), dim=1)
-    return torch.logsumexp(torch.stack([log_probs, mirrored]), dim=0) - math.log(2.0)
+    images = images.contiguous(memory_format=torch.channels_last)
+    if tta is None:
+        return F.log_softmax(model(images).float(), dim=1)
+    return tta_log_probs(model, images, tta)
 
 
 def evaluate_with_predictions(
@@ -303,9 +302,9 @@ def evaluate_with_predictions(
     recipe = None
     if run_dir is not None and (run_dir / RECIPE_FILE).is_file():
         recipe = load_recipe(run_dir / RECIPE_FILE, on_warning=lambda message: None)
-        if tta == "flip" and not recipe.augment.hflip:
+        if tta is not None and not recipe.augment.hflip:
             print(
-                "warning: --tta flip on a model trained without horizontal flips (augment.hflip = false) "
+                f"warning: --tta {tta} on a model trained without horizontal flips (augment.hflip = false) "
                 "usually lowers its accuracy; it sees mirrored images it never learnt",
                 file=sys.stderr,
             )
