@@ -13,6 +13,7 @@ from ._builder import CIFAR10_MEAN, CIFAR10_STD
 # The family modules, by the name timm's registry files their models under (`timm.list_models(module=...)`).
 # Importing one registers its models; each becomes an attribute of this package (`cifar_models.cifar_wrn`).
 FAMILY_MODULES = (
+    "cifar_airbench",
     "cifar_densenet",
     "cifar_pyramidnet",
     "cifar_resnet",

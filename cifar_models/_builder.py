@@ -24,6 +24,7 @@ __all__ = [
     "build_cifar_model",
     "cifar_cfg",
     "conv_stem",
+    "init_dirac_",
     "init_weights",
 ]
 
@@ -89,6 +90,16 @@ def init_weights(model: nn.Module, mode: str = "kaiming_fan_out") -> None:
                 nn.init.kaiming_normal_(module.weight, mode=mode[len("kaiming_") :], nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+def init_dirac_(model: nn.Module) -> None:
+    """Identity (Dirac) start for every 2-D conv of `model` with groups = 1: its first min(in, out) filters pass
+    input channel i to output channel i unchanged (a 1 at the kernel's centre, row and column k // 2, 0 elsewhere);
+    the other filters keep their init. Grouped convs are left alone. As airbench's convs start."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d) and module.groups == 1:
+                nn.init.dirac_(module.weight[: module.in_channels])
 
 
 def build_cifar_model(

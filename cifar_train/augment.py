@@ -5,6 +5,11 @@ torch's global generators (so `torch.manual_seed` reproduces a batch and Acceler
 restores the stream). Order, as in the seed: pad + random crop and horizontal flip on raw pixels ->
 normalisation -> Cutout -> Random Erasing -> at most one of Mixup / CutMix / RICAP, or Dual-Cutout.
 
+Alternating flips (airbench, https://arxiv.org/abs/2404.00498) replace the coin per image and epoch by a coin per
+image, fixed for the run by the seed: image i is mirrored in the even epochs when its coin says so, and in the odd
+epochs otherwise, so every image is seen mirrored in exactly every other epoch. They need each image's dataset index
+and the epoch, which the in-memory batch source passes when `uses_sample_index` is true.
+
 Papers:
     Cutout: DeVries & Taylor, https://arxiv.org/abs/1708.04552
     Random Erasing: Zhong et al., https://arxiv.org/abs/1708.04896
@@ -28,7 +33,16 @@ from timm.data import Mixup
 from .errors import UserError
 from .schema import Findings, checked_section
 
-__all__ = ["BatchAugment", "Normalize", "check_augment", "normalize", "ricap", "soft_targets"]
+__all__ = [
+    "BatchAugment",
+    "Normalize",
+    "alternating_flips",
+    "check_augment",
+    "image_coins",
+    "normalize",
+    "ricap",
+    "soft_targets",
+]
 
 
 def _channel_tensors(
@@ -90,8 +104,26 @@ def _pad(images: torch.Tensor, padding: int, mode: str) -> torch.Tensor:
     return images.index_select(2, source(height)).index_select(3, source(width))
 
 
-def _crop_and_flip(images: torch.Tensor, padding: int, mode: str, hflip: bool) -> torch.Tensor:
-    """Pad by `padding` pixels, take a random crop of the original size, mirror half the batch.
+def image_coins(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random bit per dataset index and seed (bool, on the index's device), with no generator state:
+    a 32-bit integer hash (multiply-xorshift rounds) of the index and the seed, its lowest bit."""
+    x = (index.long() * 0x9E3779B1 + (seed & 0xFFFFFFFF) * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (((x >> 16) ^ x) & 1).bool()
+
+
+def alternating_flips(index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """Which images (by dataset index) are mirrored in `epoch`: the image's coin in even epochs, its negation in
+    odd ones."""
+    return image_coins(index, seed) ^ bool(epoch % 2)
+
+
+def _crop_and_flip(
+    images: torch.Tensor, padding: int, mode: str, hflip: bool, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pad by `padding` pixels, take a random crop of the original size, mirror half the batch (at random, or the
+    images `flip` (bool per image) names).
 
     Every output row is a run of W contiguous pixels somewhere in the padded batch (or in its reversed
     copy), so the whole crop is one `index_select` of row starts over an overlapping strided view.
@@ -115,7 +147,7 @@ def _crop_and_flip(images: torch.Tensor, padding: int, mode: str, hflip: bool) -
         # Append the whole buffer reversed: the run of W reversed pixels starting at N + (N - W - s) is the
         # mirror of the run starting at s, so a mirrored crop is again one run per output row.
         total = flat.numel()
-        flip = torch.rand(batch, 1, 1, device=device) < 0.5
+        flip = torch.rand(batch, 1, 1, device=device) < 0.5 if flip is None else flip.to(device).view(-1, 1, 1)
         starts = torch.where(flip, 2 * total - width - starts, starts)
         flat = torch.cat([flat, flat.flip(0)])
     runs = flat.as_strided((flat.numel() - width + 1, width), (1, 1))  # runs[k] = flat[k : k + W]
@@ -240,6 +272,8 @@ def check_augment(**settings: Any) -> Findings:
     if not 0.0 < low <= high <= 1.0:
         raise UserError(f"augment.random_erasing_area = [{low}, {high}] must be [min, max] with 0 < min <= max <= 1")
     found = Findings()
+    if a.alternating_flip and not a.hflip:
+        found.ignored["augment.alternating_flip"] = "augment.hflip = false"
     if not a.random_crop:
         for key in ("crop_padding", "crop_padding_mode"):
             found.ignored[f"augment.{key}"] = "augment.random_crop = false"
@@ -267,7 +301,8 @@ class BatchAugment:
     soft targets on the images' device. With `dual_cutout_alpha > 0` it returns `[view1; view2]` (2B, C, H, W)
     and `[t; t]` (2B, K): two views that share crop and flip and differ in their Cutout squares. The keywords
     after `std` are the recipe's `[augment]` section (`section_kwargs(recipe.augment)`), checked by
-    `check_augment`; their defaults are the schema's.
+    `check_augment`; their defaults are the schema's. `seed` (the run's) fixes the images' coins for
+    `alternating_flip`, which then needs `index` and `epoch` in each call.
     """
 
     def __init__(
@@ -276,10 +311,12 @@ class BatchAugment:
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
+        seed: int = 0,
         random_crop: bool = True,
         crop_padding: int = 4,  # pixels on each side
         crop_padding_mode: str = "constant",  # constant (fill 0) | reflect | edge
         hflip: bool = True,  # p = 0.5
+        alternating_flip: bool = False,  # with hflip: each image mirrored in every other epoch
         cutout: int = 0,  # square side in pixels, 0 = off
         cutout_prob: float = 1.0,
         cutout_inside: bool = False,
@@ -296,7 +333,7 @@ class BatchAugment:
         label_smoothing: float = 0.0,
     ) -> None:
         settings = dict(locals())
-        check_augment(**{k: v for k, v in settings.items() if k not in ("self", "num_classes", "mean", "std")})
+        check_augment(**{k: v for k, v in settings.items() if k not in ("self", "num_classes", "mean", "std", "seed")})
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if len(mean) != len(std) or not mean:
@@ -310,6 +347,8 @@ class BatchAugment:
         self.crop_padding = crop_padding if random_crop else 0
         self.crop_padding_mode = crop_padding_mode
         self.hflip = hflip
+        self.seed = seed
+        self.uses_sample_index = hflip and alternating_flip  # the batch source passes index and epoch
         self.cutout = cutout
         self.cutout_prob = cutout_prob
         self.cutout_inside = cutout_inside
@@ -337,14 +376,26 @@ class BatchAugment:
             self._channels[device] = _channel_tensors(self.mean, self.std, device)
         return self._channels[device]
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        index: torch.Tensor | None = None,  # the images' dataset indices (alternating flips)
+        epoch: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if images.shape[1] != len(self.mean):
             raise ValueError(f"images have {images.shape[1]} channels but mean/std have {len(self.mean)}")
         labels = labels.to(images.device)
+        flip = None
+        if self.uses_sample_index:
+            if index is None or epoch is None:
+                raise ValueError("alternating flips need each image's dataset index and the epoch (index=, epoch=)")
+            flip = alternating_flips(index, epoch, self.seed)
         if self.crop_padding > 0 or self.hflip:
-            images = _crop_and_flip(images, self.crop_padding, self.crop_padding_mode, self.hflip)
+            images = _crop_and_flip(images, self.crop_padding, self.crop_padding_mode, self.hflip, flip)
         scale, shift = self._scale_shift(images.device)
         return self.normalized(images.float().mul_(scale).sub_(shift), labels)
 

@@ -29,7 +29,7 @@ _RESULT_ROWS = (
     ("val_acc5", "final validation top-5 (%)", "{:.2f}"),
     ("val_loss", "final validation loss", "{:.4f}"),
     ("best_val_acc1", "best validation top-1 (%)", "{:.2f}"),
-    ("epoch", "epochs trained", "{:.0f}"),
+    ("epoch", "epochs trained", "{:g}"),
     ("step", "optimizer steps", "{:,.0f}"),
     ("train_loss", "last epoch's training loss", "{:.4f}"),
     ("train_acc1", "last epoch's training top-1 (%)", "{:.2f}"),

@@ -2,7 +2,8 @@
 
 A checkpoint is what `accelerator.save_state` writes (model as safetensors, optimizer, RNG states,
 all loaded back with `weights_only=True`) plus `train_state.json`: the loop's position (epoch, batch
-within the epoch, optimizer step) and the lr scheduler's state, as JSON rather than pickle. It is
+within the epoch, optimizer step) and the lr scheduler's state, as JSON rather than pickle, and, when the loop
+keeps tensors of its own (Lookahead's slow weights), `loop_tensors.safetensors`. It is
 written into a temporary folder, sealed with a `COMPLETE` manifest (size and SHA-256 of every file), and
 renamed into place, so a checkpoint folder that exists under its final name was whole when written. On
 load every file is checked against the manifest (a truncated or altered file is caught here, including
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 STATE_FILE = "train_state.json"
+TENSORS_FILE = "loop_tensors.safetensors"  # the loop's own tensors (Lookahead's slow weights), from the main process
 COMPLETE_MARKER = "COMPLETE"  # JSON manifest {"files": {name: {"bytes": n, "sha256": hex}}}
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -69,8 +72,11 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int) -> Path | None:
-    """Save everything to `checkpoints/step_<global_step>` atomically; keep the newest `keep`."""
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int, tensors: dict[str, Any] | None = None
+) -> Path | None:
+    """Save everything to `checkpoints/step_<global_step>` atomically; keep the newest `keep`. `tensors` (the main
+    process's) go to `loop_tensors.safetensors`."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"{PREFIX}{state.global_step:09d}_e{state.epoch:04d}_b{state.batch_in_epoch:06d}"
     tmp = folder / f"{TMP_PREFIX}{final.name}"
@@ -83,6 +89,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file({name: value.detach().cpu().contiguous() for name, value in tensors.items()}, tmp / TENSORS_FILE)
         seal(tmp)
         _fsync_dir(tmp)
         if final.exists():
@@ -144,8 +154,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(accelerator: Accelerator, run_dir: Path, log=print) -> TrainState:
-    """Restore the newest loadable checkpoint; a damaged one is reported and the previous one tried."""
+def load_checkpoint(
+    accelerator: Accelerator, run_dir: Path, log=print, tensors_into: Callable[[dict[str, Any]], None] | None = None
+) -> TrainState:
+    """Restore the newest loadable checkpoint; a damaged one is reported and the previous one tried.
+
+    `tensors_into` receives the checkpoint's `loop_tensors.safetensors` (on this process's device); a checkpoint
+    without that file cannot restore such a run and counts as damaged."""
     checkpoints = find_checkpoints(run_dir)
     if not checkpoints:
         raise UserError(
@@ -161,6 +176,10 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, log=print) -> Train
                 if accelerator.process_index < state.num_processes:  # a process beyond them has no RNG file
                     _check_rng_file(checkpoint, accelerator.process_index)
                 accelerator.load_state(str(checkpoint))
+                if tensors_into is not None:
+                    from safetensors.torch import load_file
+
+                    tensors_into(load_file(checkpoint / TENSORS_FILE, device=str(accelerator.device)))
             except Exception as err:  # anything unreadable, including a pickle that weights_only refuses
                 problem = f"{type(err).__name__}: {_first_line(err)}"
         if problem is not None:

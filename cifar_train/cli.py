@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError, guarded, say_on_main
+from .schema import TTA_MODES
 
 __all__ = ["evaluate_main", "guarded", "main", "push_main"]
 
@@ -119,7 +120,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-column", help="image column (default: the run's, else detected)")
     parser.add_argument("--label-column", help="label column (default: the run's, else detected)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: flip averages image and mirror")
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        help="test-time augmentation: flip averages image and mirror; flip_translate also one-pixel moves of both",
+    )
     parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl", help="write per-sample predictions")
     parser.add_argument("--json", action="store_true", help="print one JSON line, nothing else (and write no file)")
     parser.add_argument(

@@ -24,7 +24,7 @@ from .errors import UserError, did_you_mean
 from .optim import check_optimizer, create_optimizer
 from .schedule import create_scheduler
 from .schema import Recipe, section_kwargs
-from .step import per_process_batch
+from .step import frozen_parameters, per_process_batch
 
 __all__ = [
     "build_augment",
@@ -49,14 +49,20 @@ def _register_cifar_models() -> None:
 
 
 def build_model(recipe: Recipe, *, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
-    """`timm.create_model(recipe.model.name, **recipe.model.kwargs)`, with the dataset's classes and channels."""
+    """`timm.create_model(recipe.model.name, **recipe.model.kwargs)`, with the dataset's classes and channels; with
+    `model.dirac_init` each conv's first filters then start as the identity (`cifar_models._builder.init_dirac_`)."""
     check_model(recipe.model.name, recipe.model.kwargs)
     kwargs = dict(recipe.model.kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    return timm.create_model(recipe.model.name, **kwargs)
+    model = timm.create_model(recipe.model.name, **kwargs)
+    if recipe.model.dirac_init:
+        from cifar_models._builder import init_dirac_
+
+        init_dirac_(model)
+    return model
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -72,7 +78,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
 
 def build_augment(recipe: Recipe, info: Any) -> BatchAugment:
     """The recipe's whole-batch augmentation for a dataset (`info`: its classes, mean and std)."""
-    return BatchAugment(num_classes=info.num_classes, mean=info.mean, std=info.std, **section_kwargs(recipe.augment))
+    return BatchAugment(
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        seed=recipe.train.seed,
+        **section_kwargs(recipe.augment),
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -178,9 +190,13 @@ def check_fit(recipe: Recipe, *, num_classes: int | None, image_size: Sequence[i
 def preflight(recipe: Recipe, num_processes: int) -> int:
     """Everything checkable before data, in the order a user would fix it; returns the per-process batch."""
     check_model(recipe.model.name, recipe.model.kwargs)
+    t = recipe.train
+    if t.freeze_after_epochs:  # the names, on the model built on the meta device
+        with torch.device("meta"):
+            model = timm.create_model(recipe.model.name, **recipe.model.kwargs)
+        frozen_parameters(model, dict(t.freeze_after_epochs))
     check_optimizer(recipe.optim.name)
     check_trackers(recipe.log.trackers)
-    t = recipe.train
     per_process = per_process_batch(t.batch_size, num_processes, subdivision=t.subdivision, mix=recipe.augment.mix)
     check_sync_bn(t.sync_bn, num_processes=num_processes, cuda=torch.cuda.is_available())
     check_push(recipe.hub.push_to)

@@ -12,7 +12,6 @@ Accuracies, per-class accuracies and the expected calibration error (ECE) are in
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -31,6 +30,8 @@ from cifar_train.hub import check_hub_reachable
 from cifar_train.losses import classification_sums
 from cifar_train.rounding import readable
 from cifar_train.rundir import CONFIG_FILE, RECIPE_FILE, WEIGHTS_FILE
+from cifar_train.schema import TTA_MODES
+from cifar_train.tta import tta_log_probs
 from cifar_train.wording import option, speaking
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 ECE_BINS = 15  # equal-width confidence bins
-TTA_MODES = ("flip",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,15 +289,14 @@ def predict(
     images: torch.Tensor,  # (B, C, H, W) normalised float on the model's device
     tta: str | None = None,
 ) -> torch.Tensor:
-    """Log-probabilities `(B, K)`; with `tta="flip"` the log of the mean softmax of the image and its mirror."""
-    images = images.contiguous(memory_format=torch.channels_last)
-    log_probs = F.log_softmax(model(images).float(), dim=1)
-    if tta is None:
-        return log_probs
-    if tta != "flip":
+    """Log-probabilities `(B, K)`; with `tta` the log of the weighted mean softmax of its views (`cifar_train.tta`:
+    "flip" the image and its mirror, "flip_translate" also one-pixel moves of both)."""
+    if tta is not None and tta not in TTA_MODES:
         raise ValueError(f"tta={tta!r} is not supported; choose None or one of {', '.join(TTA_MODES)}")
-    mirrored = F.log_softmax(model(images.flip(dims=(3,))).float(), dim=1)
-    return torch.logsumexp(torch.stack([log_probs, mirrored]), dim=0) - math.log(2.0)
+    images = images.contiguous(memory_format=torch.channels_last)
+    if tta is None:
+        return F.log_softmax(model(images).float(), dim=1)
+    return tta_log_probs(model, images, tta)
 
 
 def evaluate_with_predictions(
@@ -328,9 +327,9 @@ def _evaluate(source, dataset, split, batch_size, tta, device, image_column, lab
     recipe = None
     if run_dir is not None and (run_dir / RECIPE_FILE).is_file():
         recipe = load_recipe(run_dir / RECIPE_FILE, on_warning=lambda message: None)
-        if tta == "flip" and not recipe.augment.hflip:
+        if tta is not None and not recipe.augment.hflip:
             print(
-                f"warning: {option('tta', 'flip')} on a model trained without horizontal flips (augment.hflip = "
+                f"warning: {option('tta', tta)} on a model trained without horizontal flips (augment.hflip = "
                 "false) usually lowers its accuracy; it sees mirrored images it never learnt",
                 file=sys.stderr,
             )

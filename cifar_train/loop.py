@@ -34,14 +34,18 @@ from .components import (
     sync_batchnorm,
 )
 from .data import open_training_data
+from .data_init import init_from_data
 from .errors import Interrupted, NonFiniteLoss, UserError
 from .finish import finish_run
+from .lookahead import ModelLookahead
 from .losses import classification_sums
 from .progress import EpochProgress, print_summary
 from .recipe import flatten_recipe, recipe_to_toml
 from .rundir import RunDirectory, collect_env, resumed_recipe
+from .schedule import epoch_count, run_steps
 from .schema import Recipe, section_kwargs
 from .step import TrainStep, nonfinite_stop
+from .tta import tta_log_probs
 from .wording import option, speaking
 
 __all__ = ["train", "train_one_epoch", "validate"]
@@ -87,7 +91,11 @@ def train(
         model = model.to(accelerator.device, memory_format=_memory_format(recipe))
         optimizer = build_optimizer(model, recipe)  # after the move: fused kernels are chosen by device
         batches, val_batches = _batch_sources(accelerator, data, recipe, per_process_batch)
-        scheduler = build_scheduler(optimizer, recipe, len(batches) // t.grad_accum_steps)
+        steps_per_epoch = len(batches) // t.grad_accum_steps
+        scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
+        if not resume:  # a resumed run's weights, this step's result included, come from its checkpoint
+            init_from_data(model, batches, mean=data.info.mean, std=data.info.std, images=recipe.model.data_init_images)
+        lookahead = _lookahead(model, t, run_steps(steps_per_epoch, t.epochs))  # its slow copy starts from here
         set_seed(t.seed + accelerator.process_index)  # augmentation and dropout streams differ per process
 
         progress = EpochProgress(enabled=accelerator.is_main_process and recipe.log.progress)
@@ -96,12 +104,12 @@ def train(
             run.open(main_process=accelerator.is_main_process, recipe_toml=recipe_to_toml(recipe), env=env)
             accelerator.wait_for_everyone()
             model, optimizer = accelerator.prepare(model, optimizer)
-            step = _train_step(accelerator, model, optimizer, recipe)
+            step = _train_step(accelerator, model, optimizer, recipe, steps_per_epoch, lookahead)
             state, history = _start_state(accelerator, run, step, scheduler, resume, say, seed=t.seed)
             accelerator.init_trackers(run.path.name, config=flatten_recipe(recipe))
             save = _checkpointer(accelerator, run, step, scheduler, data.info.class_names, keep=t.keep_checkpoints)
             signals.training()  # from here on a signal is a stop request: checkpoint at the next read, then stop
-            for epoch in range(state.epoch, t.epochs):
+            for epoch in range(state.epoch, epoch_count(t.epochs)):
                 started = time.perf_counter()
                 row, stop_now = train_one_epoch(
                     step,
@@ -115,8 +123,10 @@ def train(
                     stop=signals.requested,
                     save=save,
                 )
-                if epoch + 1 == t.epochs or (epoch + 1) % t.eval_every == 0:
-                    row.update(validate(accelerator, step.eval_model, val_batches, recipe.model.channels_last))
+                last = epoch + 1 == epoch_count(t.epochs)
+                if last or (epoch + 1) % t.eval_every == 0:
+                    tta = t.final_tta if last else "none"
+                    row.update(validate(accelerator, step.eval_model, val_batches, recipe.model.channels_last, tta=tta))
                     state.best_val_acc1 = max(state.best_val_acc1, row["val_acc1"])
                 row["epoch_seconds"] = time.perf_counter() - started
                 checkpoint = _end_epoch(accelerator, run, state, row, history, progress, save, t, stop_now)
@@ -139,7 +149,21 @@ def _batch_sources(accelerator: Accelerator, data: Any, recipe: Recipe, per_proc
     return batches, val_batches
 
 
-def _train_step(accelerator: Accelerator, model: nn.Module, optimizer, recipe: Recipe) -> TrainStep:
+def _lookahead(model: nn.Module, t: Any, total_steps: int) -> ModelLookahead | None:
+    if t.lookahead_steps == 0:
+        return None
+    return ModelLookahead(
+        model,
+        total_steps=total_steps,
+        lookahead_steps=t.lookahead_steps,
+        lookahead_decay=t.lookahead_decay,
+        lookahead_decay_power=t.lookahead_decay_power,
+    )
+
+
+def _train_step(
+    accelerator: Accelerator, model: nn.Module, optimizer, recipe: Recipe, steps_per_epoch: int, lookahead
+) -> TrainStep:
     t, a = recipe.train, recipe.augment
     return TrainStep(
         accelerator,
@@ -152,6 +176,8 @@ def _train_step(accelerator: Accelerator, model: nn.Module, optimizer, recipe: R
         label_smoothing=a.label_smoothing,
         channels_last=recipe.model.channels_last,
         compile=recipe.model.compile,
+        freeze_after={name: run_steps(steps_per_epoch, epochs) for name, epochs in t.freeze_after_epochs.items()},
+        lookahead=lookahead,
     )
 
 
@@ -170,6 +196,9 @@ def train_one_epoch(
 ) -> tuple[dict[str, Any], bool]:
     """Train epoch `epoch` from batch `state.batch_in_epoch` on; returns its record and whether a stop was asked.
 
+    A fractional `epochs` ends its last epoch after the run's `run_steps` optimizer steps; that epoch's record
+    says `epochs` (e.g. 9.9) as its epoch.
+
     Every `every_steps` optimizer steps the running metrics are read once: the progress bar and the trackers
     update, a non-finite loss stops the run ("stop" policy), and a stop request checkpoints and raises
     `Interrupted`. A stop asked after the last read of the epoch ends the epoch first (the caller saves).
@@ -179,7 +208,8 @@ def train_one_epoch(
     if state.batch_in_epoch == 0:  # a new epoch; a resumed one continues the sums its checkpoint holds
         step.metrics.reset()
     accumulate = accelerator.gradient_accumulation_steps
-    total = len(batches) // accumulate * accumulate
+    steps_per_epoch = len(batches) // accumulate
+    total = min(steps_per_epoch, run_steps(steps_per_epoch, epochs) - epoch * steps_per_epoch) * accumulate
     progress.start_epoch(epoch + 1, epochs, total, state.batch_in_epoch)
     started, images = time.perf_counter(), 0
     for index, (inputs, targets) in enumerate(batches.epoch(epoch, state.batch_in_epoch), start=state.batch_in_epoch):
@@ -202,7 +232,7 @@ def train_one_epoch(
     _check_finite(summary, state, step)
     state.skipped_steps += summary["skipped"]
     row = {
-        "epoch": epoch + 1,
+        "epoch": min(epoch + 1, epochs),
         "step": state.global_step,
         "lr": scheduler.get_last_lr()[0],
         "train_loss": summary["loss"],
@@ -238,17 +268,21 @@ def _check_finite(summary: dict[str, Any], state: TrainState, step: TrainStep) -
 
 
 @torch.no_grad()
-def validate(accelerator: Accelerator, model: nn.Module, batches: Any, channels_last: bool) -> dict[str, float]:
+def validate(
+    accelerator: Accelerator, model: nn.Module, batches: Any, channels_last: bool, *, tta: str = "none"
+) -> dict[str, float]:
     """Validation loss, top-1 and top-5 (%) over the whole split, summed on the device, one host read.
 
-    `batches` yields fixed-size `(normalised images, labels, valid mask)`; padding rows are masked out.
+    `batches` yields fixed-size `(normalised images, labels, valid mask)`; padding rows are masked out. With `tta`
+    ("flip", "flip_translate": `cifar_train.tta`) each image's prediction averages its views.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5, count
     for images, labels, valid in batches:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        sums += classification_sums(model(images), labels, valid)
+        logits = model(images) if tta == "none" else tta_log_probs(model, images, tta, channels_last=channels_last)
+        sums += classification_sums(logits, labels, valid)
     if accelerator.num_processes > 1:
         sums = accelerator.reduce(sums, reduction="sum")
     loss, top1, top5, count = sums.tolist()
@@ -267,7 +301,7 @@ def _end_epoch(accelerator, run, state, row, history, progress, save, t, stop_no
     history.append(row)
     accelerator.log({k: v for k, v in row.items() if k not in ("epoch", "step")}, step=state.global_step)
     progress.end_epoch(row)
-    if stop_now or state.epoch == t.epochs or state.epoch % t.checkpoint_every == 0:
+    if stop_now or state.epoch == epoch_count(t.epochs) or state.epoch % t.checkpoint_every == 0:
         return save(state)
     return None
 
@@ -277,7 +311,8 @@ def _checkpointer(accelerator, run, step, scheduler, classes, *, keep: int) -> C
         state.scheduler = scheduler.state_dict()
         state.running = step.metrics.state_dict(accelerator)  # every process's sums together
         state.class_names, state.num_processes = list(classes), accelerator.num_processes
-        return save_checkpoint(accelerator, run.path, state, keep=keep)
+        tensors = step.lookahead.state_dict() if step.lookahead is not None else None
+        return save_checkpoint(accelerator, run.path, state, keep=keep, tensors=tensors)
 
     return save
 
@@ -293,7 +328,8 @@ def _start_state(
     """
     if not resume:
         return TrainState(), []
-    state = load_checkpoint(accelerator, run.path, log=say)
+    into = step.lookahead.load_state_dict if step.lookahead is not None else None
+    state = load_checkpoint(accelerator, run.path, log=say, tensors_into=into)
     scheduler.load_state_dict(state.scheduler)
     if state.running:
         step.metrics.load_state_dict(state.running, main_process=accelerator.is_main_process)

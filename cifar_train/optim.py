@@ -9,7 +9,9 @@ AdaBound follows Luo et al., "Adaptive Gradient Methods with Dynamic Bound of Le
 
 "No weight decay on BN" picks parameters by what they are (a normalisation layer's parameters, any
 module's `bias`), never by a substring of their name: the seed's `'conv.weight' in name` rule also
-exempted the final linear layer.
+exempted the final linear layer. The same rule picks the normalisation biases that airbench
+(https://arxiv.org/abs/2404.00498) trains at 64 times the learning rate and 1/64 of the weight decay
+(`norm_bias_lr_scale`, `norm_bias_weight_decay_scale`), so that their decay per step, lr x wd, is unchanged.
 """
 
 from __future__ import annotations
@@ -66,16 +68,29 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-def param_groups(model: nn.Module, *, weight_decay: float, no_weight_decay_on_bn: bool) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    no_weight_decay_on_bn: bool,
+    lr: float | None = None,
+    norm_bias_lr_scale: float = 1.0,
+    norm_bias_weight_decay_scale: float = 1.0,
+) -> list[dict]:
     """Parameter groups for an optimizer: one group with `weight_decay`, and, when `no_weight_decay_on_bn`,
     a second with weight decay 0 holding every normalisation-layer parameter and every bias.
 
-    Conv and linear weights (the classifier's too) always keep the weight decay. Empty groups are left out.
+    When either `norm_bias_*_scale` is not 1, the biases of normalisation layers form a group of their own with
+    lr `lr x norm_bias_lr_scale` and weight decay `x norm_bias_weight_decay_scale` (0 under
+    `no_weight_decay_on_bn`); it comes last, so group 0 keeps the base lr. Conv and linear weights (the
+    classifier's too) always keep the weight decay. Empty groups are left out.
     """
-    if not no_weight_decay_on_bn:
+    own_norm_biases = norm_bias_lr_scale != 1.0 or norm_bias_weight_decay_scale != 1.0
+    if not no_weight_decay_on_bn and not own_norm_biases:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    norm_biases: list[nn.Parameter] = []
     seen: set[int] = set()
     for module in model.modules():
         is_norm = isinstance(module, NORM_TYPES)
@@ -83,8 +98,18 @@ def param_groups(model: nn.Module, *, weight_decay: float, no_weight_decay_on_bn
             if id(param) in seen:  # shared (tied) parameters go where they were met first
                 continue
             seen.add(id(param))
-            (no_decay if is_norm or role == "bias" else decay).append(param)
+            if own_norm_biases and is_norm and role == "bias":
+                norm_biases.append(param)
+            elif no_weight_decay_on_bn and (is_norm or role == "bias"):
+                no_decay.append(param)
+            else:
+                decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if norm_biases:
+        if lr is None:
+            raise ValueError("scaling the normalisation biases' learning rate needs the base lr")
+        norm_decay = 0.0 if no_weight_decay_on_bn else weight_decay * norm_bias_weight_decay_scale
+        groups.append({"params": norm_biases, "weight_decay": norm_decay, "lr": lr * norm_bias_lr_scale})
     return [g for g in groups if g["params"]]
 
 
@@ -297,6 +322,8 @@ def check_optim(**settings: Any) -> Findings:
     if o.nesterov and o.momentum == 0 and o.name == "sgd":
         raise UserError("optim.nesterov = true needs optim.momentum > 0")
     found = Findings()
+    if o.no_weight_decay_on_bn:
+        found.ignored["optim.norm_bias_weight_decay_scale"] = "optim.no_weight_decay_on_bn = true gives them none"
     uses = {
         "momentum": ("sgd", "lars"),
         "nesterov": ("sgd",),
@@ -329,6 +356,8 @@ def create_optimizer(
     nesterov: bool = True,
     weight_decay: float = 1e-4,
     no_weight_decay_on_bn: bool = False,
+    norm_bias_lr_scale: float = 1.0,
+    norm_bias_weight_decay_scale: float = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),
     lars_eps: float = 1e-9,
     lars_thresh: float = 1e-2,
@@ -347,7 +376,14 @@ def create_optimizer(
     del settings["model"]
     check_optim(**settings)
     check_optimizer(name)
-    groups = param_groups(model, weight_decay=weight_decay, no_weight_decay_on_bn=no_weight_decay_on_bn)
+    groups = param_groups(
+        model,
+        weight_decay=weight_decay,
+        no_weight_decay_on_bn=no_weight_decay_on_bn,
+        lr=lr,
+        norm_bias_lr_scale=norm_bias_lr_scale,
+        norm_bias_weight_decay_scale=norm_bias_weight_decay_scale,
+    )
     betas = tuple(betas)
     fused = _fused(groups)
     try:

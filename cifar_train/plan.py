@@ -17,7 +17,7 @@ from rich.table import Table
 from .components import check_fit, check_model, launched_processes, preflight, resolve_precision
 from .errors import UserError
 from .rundir import RunDirectory, resumed_recipe
-from .schedule import schedule_curve
+from .schedule import run_steps, schedule_curve
 from .schema import Recipe, section_kwargs
 
 __all__ = ["dry_run", "make_plan"]
@@ -31,7 +31,7 @@ def _augmentation_chain(recipe: Recipe) -> str:
     if a.random_crop and a.crop_padding:
         steps.append(f"pad {a.crop_padding} ({a.crop_padding_mode}) + random crop")
     if a.hflip:
-        steps.append("flip")
+        steps.append("alternating flip" if a.alternating_flip else "flip")
     steps.append("normalise")
     if a.cutout:
         steps.append(f"Cutout {a.cutout}" + (f" p={a.cutout_prob}" if a.cutout_prob < 1 else ""))
@@ -74,7 +74,7 @@ def make_plan(recipe: Recipe | None, run_dir: Path, *, resume: bool = False, ove
         train_images -= round(train_images * d.val_fraction)
     steps = train_images // t.batch_size // t.grad_accum_steps if train_images else None
     curve = schedule_curve(steps_per_epoch=steps or 1, epochs=t.epochs, **section_kwargs(recipe.schedule))
-    total = (steps or 1) * t.epochs
+    total = run_steps(steps or 1, t.epochs)
     lrs = [(share, recipe.optim.lr * curve(round(share * total))) for share in _SCHEDULE_POINTS]
     try:
         precision = resolve_precision(t.precision, torch.cuda.is_available())
@@ -133,7 +133,7 @@ def dry_run(recipe: Recipe | None, run_dir: Path, *, resume: bool = False, overw
     steps = plan["steps_per_epoch"]
     table.add_row(
         "steps",
-        f"{steps:,} per epoch x {plan['epochs']} epochs = {steps * plan['epochs']:,}"
+        f"{steps:,} per epoch x {plan['epochs']} epochs = {run_steps(steps, plan['epochs']):,}"
         if steps
         else f"{plan['epochs']} epochs (steps per epoch: dataset size unknown here)",
     )

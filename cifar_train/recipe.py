@@ -68,6 +68,10 @@ def _component_checks(recipe: Recipe) -> Findings:
             batch_size=recipe.train.batch_size,
             subdivision=recipe.train.subdivision,
             grad_accum_steps=recipe.train.grad_accum_steps,
+            freeze_after_epochs=recipe.train.freeze_after_epochs,
+            lookahead_steps=recipe.train.lookahead_steps,
+            lookahead_decay=recipe.train.lookahead_decay,
+            lookahead_decay_power=recipe.train.lookahead_decay_power,
         ),
     ):
         found.ignored.update(findings.ignored)

@@ -2,7 +2,10 @@
 
 The learning rate of optimizer step k (k = 0, 1, ...) is `base_lr * curve(k)`. Warmup, if any, takes the
 first `warmup_epochs * steps_per_epoch` steps (Tw); the main schedule the rest, on its own clock t = k - Tw,
-with T = (epochs - warmup_epochs) * steps_per_epoch steps.
+with T = run_steps(steps_per_epoch, epochs) - Tw steps: (epochs - warmup_epochs) * steps_per_epoch for whole
+epochs; a fractional `epochs` (airbench trains 9.9) runs ceil(steps_per_epoch x epochs) steps in all, the
+epochs read as the decimal written (so 100 steps x 1.1 epochs is 110 steps, not 111), and its last epoch stops
+after the steps left.
 
 - warmup linear: start + (1 - start) * k / Tw;  exponential: start + (1 - start) * (k / Tw) ** exponent
   (the seed multiplied the exponential warmup by the base learning rate a second time; we do not).
@@ -10,6 +13,8 @@ with T = (epochs - warmup_epochs) * steps_per_epoch steps.
 - multistep: times `decay` for each milestone passed. Milestones are epochs of the main schedule, counted
   from the end of warmup, as in the seed. A milestone at or after the end never takes effect (as with torch's
   MultiStepLR): the recipe loads, with a warning, so a shortened recipe still runs.
+- triangle (airbench, https://arxiv.org/abs/2404.00498): piecewise linear from `triangle_start_factor` at t = 0
+  to 1 at t = P = floor(triangle_peak x T), then to `min_factor` at t = T; t >= P is on the falling side.
 - sgdr (Loshchilov & Hutter, https://arxiv.org/abs/1608.03983): cosine restarted at the end of each period;
   periods are T0, int(T0 * T_mul), int(int(T0 * T_mul) * T_mul), ... epochs (T_mul may be fractional, as in
   the seed). A last period that training ends inside is cut short, with a warning.
@@ -28,6 +33,7 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -35,7 +41,28 @@ import torch
 from .errors import UserError
 from .schema import Findings, check_fields, checked_section
 
-__all__ = ["EXTENDABLE", "ScheduleCurve", "check_extension", "check_schedule", "create_scheduler", "schedule_curve"]
+__all__ = [
+    "EXTENDABLE",
+    "ScheduleCurve",
+    "check_extension",
+    "check_schedule",
+    "create_scheduler",
+    "epoch_count",
+    "run_steps",
+    "schedule_curve",
+]
+
+
+def run_steps(steps_per_epoch: int, epochs: int | float) -> int:
+    """Optimizer steps of a run: ceil(steps_per_epoch x epochs), `epochs` read as the decimal it is written as
+    (`Fraction(repr(9.9))` is 99/10: 48 steps x 9.9 epochs is 476 steps, and 100 x 1.1 is 110, not 111)."""
+    exact = Fraction(repr(epochs)) if isinstance(epochs, float) else Fraction(epochs)
+    return math.ceil(steps_per_epoch * exact)
+
+
+def epoch_count(epochs: int | float) -> int:
+    """Epochs a run starts: a fractional last epoch counts as one (9.9 -> 10)."""
+    return math.ceil(Fraction(repr(epochs)) if isinstance(epochs, float) else epochs)
 
 
 def _sgdr_periods(t0: int, t_mul: float, epochs: int) -> list[int]:
@@ -46,7 +73,7 @@ def _sgdr_periods(t0: int, t_mul: float, epochs: int) -> list[int]:
     return periods
 
 
-def check_schedule(*, epochs: int, **settings: Any) -> Findings:
+def check_schedule(*, epochs: int | float, **settings: Any) -> Findings:
     """The `[schedule]` rules for a run of `epochs` (missing settings at the schema's defaults; ranges come from
     the schema): raises UserError on a contradiction; reports ignored settings and warnings."""
     check_fields("train", {"epochs": epochs})
@@ -59,10 +86,13 @@ def check_schedule(*, epochs: int, **settings: Any) -> Findings:
             raise UserError(f"schedule.milestones = {ms!r} must be strictly increasing epochs >= 1")
     else:
         found.ignored["schedule.milestones"] = found.ignored["schedule.decay"] = f"only multistep uses it, not {name!r}"
-    if name not in ("linear", "cosine", "sgdr"):
-        found.ignored["schedule.min_factor"] = f"only linear, cosine and sgdr use it, not {name!r}"
+    if name not in ("linear", "cosine", "sgdr", "triangle"):
+        found.ignored["schedule.min_factor"] = f"only linear, cosine, sgdr and triangle use it, not {name!r}"
     if name != "sgdr":
         found.ignored["schedule.sgdr_t0"] = found.ignored["schedule.sgdr_t_mul"] = f"only sgdr uses it, not {name!r}"
+    if name != "triangle":
+        why = f"only triangle uses it, not {name!r}"
+        found.ignored["schedule.triangle_start_factor"] = found.ignored["schedule.triangle_peak"] = why
     has_warmup = warmup != "none" and warmup_epochs > 0
     if warmup == "none":
         for key in ("warmup_epochs", "warmup_start_factor", "warmup_exponent"):
@@ -113,6 +143,8 @@ class ScheduleCurve:
     min_factor: float
     warmup_start_factor: float
     warmup_exponent: float
+    triangle_start_factor: float = 0.2
+    triangle_peak_step: int = 0  # P, on the main clock
 
     def __call__(self, step: int) -> float:
         if step < 0:
@@ -132,10 +164,20 @@ class ScheduleCurve:
             return 1 + (self.min_factor - 1) * t / self.main_steps
         if self.name == "cosine":
             return self._cosine(t, self.main_steps)
+        if self.name == "triangle":
+            return self._triangle(t)
         # sgdr: the cycle whose (start, end] holds t; the first cycle also holds t = 0
         cycle = max(bisect.bisect_left(self.boundaries, t) - 1, 0)
         start = self.boundaries[cycle]
         return self._cosine(t - start, self.period_ends[cycle] - start)
+
+    def _triangle(self, t: int) -> float:
+        peak, end = self.triangle_peak_step, self.main_steps
+        if t < peak:
+            return self.triangle_start_factor + (1 - self.triangle_start_factor) * t / peak
+        if end == peak:
+            return 1.0
+        return 1 + (self.min_factor - 1) * (t - peak) / (end - peak)
 
     def _cosine(self, t: int, period: int) -> float:
         return self.min_factor + (1 - self.min_factor) * (1 + math.cos(math.pi * t / period)) / 2
@@ -166,13 +208,15 @@ def check_extension(*, name: str, epochs: int, new_epochs: int, epochs_done: int
 def schedule_curve(
     *,
     steps_per_epoch: int,
-    epochs: int,
+    epochs: int | float,
     name: str = "multistep",
     milestones: Sequence[int] = (80, 120),
     decay: float = 0.1,
     min_factor: float = 1e-3,
     sgdr_t0: int = 10,
     sgdr_t_mul: float = 1.0,
+    triangle_start_factor: float = 0.2,
+    triangle_peak: float = 0.23,
     warmup: str = "none",
     warmup_epochs: int = 0,
     warmup_start_factor: float = 1e-3,
@@ -190,6 +234,7 @@ def schedule_curve(
     has_warmup = warmup != "none" and warmup_epochs > 0
     warmup_epochs = warmup_epochs if has_warmup else 0
     main_epochs = max(epochs - warmup_epochs, 0)
+    main_steps = max(run_steps(steps_per_epoch, epochs) - warmup_epochs * steps_per_epoch, 0)
     boundaries: tuple[int, ...] = ()
     period_ends: tuple[int, ...] = ()
     if name == "multistep":
@@ -202,18 +247,20 @@ def schedule_curve(
         name=name,
         warmup=warmup if has_warmup else "none",
         warmup_steps=warmup_epochs * steps_per_epoch,
-        main_steps=main_epochs * steps_per_epoch,
+        main_steps=main_steps,
         boundaries=boundaries,
         period_ends=period_ends,
         decay=decay,
         min_factor=min_factor,
         warmup_start_factor=warmup_start_factor,
         warmup_exponent=warmup_exponent,
+        triangle_start_factor=triangle_start_factor,
+        triangle_peak_step=int(triangle_peak * main_steps),
     )
 
 
 def create_scheduler(
-    optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, **schedule
+    optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int | float, **schedule
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR giving `schedule_curve(...)`; call its `step()` once after every optimizer step.
 

@@ -30,6 +30,7 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULES",
     "SECTIONS",
+    "TTA_MODES",
     "WARMUPS",
     "AugmentConfig",
     "DataConfig",
@@ -51,12 +52,13 @@ __all__ = [
 MIXES = ("none", "mixup", "cutmix", "ricap")
 PIPELINES = ("auto", "memory", "streaming")
 PADDING_MODES = ("constant", "reflect", "edge")
-SCHEDULES = ("constant", "multistep", "linear", "cosine", "sgdr")
+SCHEDULES = ("constant", "multistep", "linear", "cosine", "sgdr", "triangle")
 WARMUPS = ("none", "linear", "exponential")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 NONFINITE_POLICIES = ("stop", "skip")
 FP16_STOP_AFTER = 20  # optimizer steps in a row with a non-finite loss after which "stop" stops an fp16 run
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
+TTA_MODES = ("flip", "flip_translate")  # test-time augmentation (cifar_train.tta); "none" in a recipe = off
 
 
 def _opt(
@@ -86,6 +88,10 @@ class ModelConfig:
         'torch.compile the train step: false, true (= "default"), "reduce-overhead" (CUDA graphs), "max-autotune"',
         choices=COMPILE_MODES,
     )
+    dirac_init: bool = _opt(False, "identity (Dirac) start for the first min(in, out) filters of every conv (airbench)")
+    data_init_images: int = _opt(
+        5000, "first training images (unaugmented) a model's data-dependent init sees, if it has one (airbench94)", ge=1
+    )
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class AugmentConfig:
     crop_padding: int = _opt(4, "pixels of padding on each side before the random crop", ge=0)
     crop_padding_mode: str = _opt("constant", "constant pads raw pixels with 0", choices=PADDING_MODES)
     hflip: bool = _opt(True, "horizontal flip with probability 0.5")
+    alternating_flip: bool = _opt(False, "hflip derandomised: each image mirrored in every other epoch (airbench)")
     cutout: int = _opt(0, "Cutout square side, pixels (0 = off)", ge=0)
     cutout_prob: float = _opt(1.0, "probability of Cutout per image", ge=0, le=1)
     cutout_inside: bool = _opt(False, "keep the Cutout square wholly inside the image")
@@ -136,6 +143,10 @@ class OptimConfig:
     nesterov: bool = _opt(True, "Nesterov momentum (SGD)")
     weight_decay: float = _opt(1e-4, "L2 weight decay (decoupled for adamw and adaboundw)", ge=0)
     no_weight_decay_on_bn: bool = _opt(False, "exempt normalisation weights and all biases from weight decay")
+    norm_bias_lr_scale: float = _opt(1.0, "lr of normalisation-layer biases = lr x this (airbench: 64)", gt=0)
+    norm_bias_weight_decay_scale: float = _opt(
+        1.0, "their weight decay = weight_decay x this (airbench: 1/64: the decay per step, lr x wd, is kept)", ge=0
+    )
     betas: tuple[float, float] = _opt((0.9, 0.999), "Adam-family (beta1, beta2)", length=2)
     lars_eps: float = _opt(1e-9, "LARS: added to the gradient norm", ge=0)
     lars_thresh: float = _opt(1e-2, "LARS: weight norm below which the layer keeps the global rate", ge=0)
@@ -148,9 +159,11 @@ class ScheduleConfig:
     name: str = _opt("multistep", "learning rate curve; the lr changes every optimizer step", choices=SCHEDULES)
     milestones: tuple[int, ...] = _opt((80, 120), "multistep: epochs (after warmup) at which the lr is multiplied")
     decay: float = _opt(0.1, "multistep: factor applied at each milestone", gt=0, le=1)
-    min_factor: float = _opt(1e-3, "linear, cosine, sgdr: the lr ends at lr x this", ge=0, le=1)
+    min_factor: float = _opt(1e-3, "linear, cosine, sgdr, triangle: the lr ends at lr x this", ge=0, le=1)
     sgdr_t0: int = _opt(10, "sgdr: epochs of the first period", ge=1)
     sgdr_t_mul: float = _opt(1.0, "sgdr: each period is int(previous x this) epochs", ge=1)
+    triangle_start_factor: float = _opt(0.2, "triangle: the lr starts at lr x this", ge=0, le=1)
+    triangle_peak: float = _opt(0.23, "triangle: share of the schedule's steps after which the lr peaks", ge=0, le=1)
     warmup: str = _opt("none", "warmup curve before the main schedule", choices=WARMUPS)
     warmup_epochs: int = _opt(0, "epochs of warmup", ge=0)
     warmup_start_factor: float = _opt(1e-3, "warmup starts at lr x this", gt=0, le=1)
@@ -159,7 +172,11 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _opt(160, "epochs of training", ge=1)
+    epochs: int | float = _opt(
+        160,
+        "epochs of training; a fraction trains ceil(steps per epoch x epochs) steps, the last epoch cut short",
+        gt=0,
+    )
     batch_size: int = _opt(
         128, "global batch (images per optimizer step before accumulation), split over processes", ge=1
     )
@@ -180,6 +197,11 @@ class TrainConfig:
         le=2**31 - 1,
     )
     eval_every: int = _opt(1, "epochs between validations; the last epoch is always validated", ge=1)
+    final_tta: str = _opt(
+        "none",
+        "test-time augmentation of the last epoch's validation (earlier ones see plain images): flip, flip_translate",
+        choices=("none", *TTA_MODES),
+    )
     checkpoint_every: int = _opt(10, "epochs between checkpoints; the last epoch always saves", ge=1)
     keep_checkpoints: int = _opt(2, "newest checkpoints kept", ge=1)
     nonfinite_loss: str = _opt(
@@ -187,6 +209,16 @@ class TrainConfig:
         "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the step; under fp16 the gradient scaler "
         f"skips such steps itself and stop waits for {FP16_STOP_AFTER} in a row",
         choices=NONFINITE_POLICIES,
+    )
+    freeze_after_epochs: dict = _opt(
+        {}, "parameter name -> epochs after which it is no longer updated (airbench: whitening bias after 3)"
+    )
+    lookahead_steps: int = _opt(0, "Lookahead: optimizer steps between syncs with the slow weights (0 = off)", ge=0)
+    lookahead_decay: float = _opt(
+        0.5, "Lookahead: the slow weights' share at a sync (1 - Zhang et al.'s alpha)", ge=0, le=1
+    )
+    lookahead_decay_power: float = _opt(
+        0.0, "Lookahead: that share times (step / total steps)^this (airbench: 3; 0 = constant)", ge=0
     )
 
 
@@ -250,6 +282,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             if value is None or value == "":
                 return None
             return _coerce(key, next(a for a in args if a is not type(None)), value)
+        if isinstance(value, bool) and bool not in args:  # `int | float`: a boolean is not a number here
+            raise UserError(f"{key} must be {' or '.join(_type_name(a) for a in args)}, got {value}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
         if isinstance(value, tuple(args)):  # `bool | str`: the choices decide
             return value
         raise UserError(f"{key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")

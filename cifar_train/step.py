@@ -20,6 +20,11 @@ step is skipped the weights cannot change, so the run has stalled (see `nonfinit
 With `compile`, the forward pass and the loss are one `torch.compile`d function; autograd then runs the
 compiled backward, so the whole step is compiled, not only the forward. Compiled steps keep their gradients in
 buffers allocated once (see `persistent_gradients`); validation runs the model eagerly (see `TrainStep`).
+
+Two additions of airbench's (https://arxiv.org/abs/2404.00498): `freeze_after` names parameters that stop training
+after a given optimizer step (their gradients are dropped before each later step, so the optimizer leaves them
+alone: no update, no weight decay, no momentum, as a parameter with `requires_grad = False` would be), and a
+`lookahead` (`cifar_train.lookahead.ModelLookahead`) is stepped after every optimizer step.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .losses import dual_cutout_loss, soft_correct, soft_cross_entropy
-from .schema import COMPILE_MODES, FP16_STOP_AFTER, Findings
+from .schema import COMPILE_MODES, FP16_STOP_AFTER, Findings, checked_section
 
 __all__ = [
     "CUDA_GRAPH_MODES",
@@ -51,14 +56,41 @@ __all__ = [
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes whose steps replay CUDA graphs
 
 
-def check_step(*, batch_size: int, subdivision: int, grad_accum_steps: int) -> Findings:
+def check_step(*, batch_size: int, subdivision: int, grad_accum_steps: int, **train: Any) -> Findings:
     """The rules of the train section that need no data: the ghost batch divides the batch, and is not combined
-    with gradient accumulation (both split a batch)."""
+    with gradient accumulation (both split a batch); `freeze_after_epochs` holds epochs >= 0. `train` takes the
+    other `[train]` settings these rules read (missing ones at the schema's defaults)."""
+    t = checked_section("train", train)
     if batch_size % subdivision:
         raise UserError(f"train.batch_size = {batch_size} is not divisible by train.subdivision = {subdivision}")
     if subdivision > 1 and grad_accum_steps > 1:
         raise UserError("train.subdivision and train.grad_accum_steps both split the batch; use one of them")
-    return Findings()
+    for name, epochs in t.freeze_after_epochs.items():
+        if isinstance(epochs, bool) or not isinstance(epochs, int | float) or not 0 <= epochs < math.inf:
+            raise UserError(
+                f"train.freeze_after_epochs: {name!r} = {epochs!r} must be a number of epochs >= 0 after which the "
+                "parameter stops training"
+            )
+    found = Findings()
+    if t.lookahead_steps == 0:
+        for key in ("lookahead_decay", "lookahead_decay_power"):
+            found.ignored[f"train.{key}"] = "train.lookahead_steps = 0"
+    return found
+
+
+def frozen_parameters(model: nn.Module, freeze_after: dict[str, int]) -> list[tuple[nn.Parameter, int]]:
+    """`(parameter, last optimizer step it trains in)` for names of `model.named_parameters()`; a UserError names
+    an unknown one (with "did you mean")."""
+    named = dict(model.named_parameters())
+    found = []
+    for name, last_step in freeze_after.items():
+        if name not in named:
+            raise UserError(
+                f"train.freeze_after_epochs names {name!r}, which is no parameter of the model"
+                f"{did_you_mean(name, named)}"
+            )
+        found.append((named[name], last_step))
+    return found
 
 
 def per_process_batch(batch_size: int, num_processes: int, *, subdivision: int, mix: str) -> int:
@@ -252,6 +284,8 @@ class TrainStep:
         channels_last: bool,
         compile: bool | str = False,
         compile_backend: str = "inductor",
+        freeze_after: dict[str, int] | None = None,  # parameter name -> last optimizer step it trains in
+        lookahead: Any = None,  # a cifar_train.lookahead.ModelLookahead, stepped after each optimizer step
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -263,6 +297,8 @@ class TrainStep:
         self.nonfinite_loss = nonfinite_loss
         self.channels_last = channels_last
         self.metrics = RunningMetrics(accelerator.device)
+        self.frozen_after = frozen_parameters(accelerator.unwrap_model(model), dict(freeze_after or {}))
+        self.lookahead = lookahead
         self._group_finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
         self.scaler = accelerator.scaler  # fp16: Accelerate's GradScaler; it skips steps with non-finite gradients
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -329,11 +365,14 @@ class TrainStep:
             finite = torch.isfinite(loss)
             self._group_finite &= finite
             if self.accelerator.sync_gradients:
-                self._optimizer_step()
+                self._optimizer_step(step)
         self.metrics.add(loss, correct, count, finite, step)
         return count
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, step: int) -> None:
+        for param, last_step in self.frozen_after:
+            if step > last_step:
+                param.grad = None  # the optimizer skips it: no update, no weight decay, no momentum
         if self.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if self.scaler is not None or self.nonfinite_loss == "skip":
@@ -354,6 +393,8 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=not self.persistent_grads)
         self._group_finite.fill_(True)
+        if self.lookahead is not None:
+            self.lookahead.step(step)
 
     def _gated_step(self, bad: torch.Tensor) -> None:
         """Step with a device-side flag: a fused kernel leaves weights and optimizer state alone where it is set."""

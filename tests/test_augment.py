@@ -13,7 +13,7 @@ from cifar_train.errors import UserError
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalised value = pixel / 255
 PLAIN = dict(random_crop=False, hflip=False)
-CHI2_CRITICAL = {80: 124.84, 32: 62.49, 31: 61.10, 16: 39.25, 8: 26.12}  # chi-square, p = 0.001, by dof
+CHI2_CRITICAL = {80: 124.84, 32: 62.49, 31: 61.10, 24: 51.18, 16: 39.25, 8: 26.12, 4: 18.47}  # chi-square, p = 0.001
 
 
 def _chi2_uniform(values: torch.Tensor, low: int, high: int) -> float:
@@ -275,3 +275,70 @@ def test_odd_batch_with_mixup_is_refused_with_the_size() -> None:
     augment = BatchAugment(num_classes=10, mix="mixup", **IDENTITY)
     with pytest.raises(ValueError, match="even batch size per process, got 3"):
         augment(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# airbench's augmentations: reflect-padded translation by up to 2 pixels, alternating flips
+
+
+def test_airbench_translation_is_uniform_over_25_offsets_of_the_reflect_padded_image() -> None:
+    torch.manual_seed(0)
+    batch = 25 * 120
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+    images[:, :2] = _coordinate_images(batch)[:, :2]
+    augment = BatchAugment(num_classes=10, hflip=False, crop_padding=2, crop_padding_mode="reflect", **IDENTITY)
+    out = _pixels(augment(images, torch.zeros(batch, dtype=torch.long))[0])
+    dy, dx = out[:, 0, 16, 16] - 17, out[:, 1, 16, 16] - 17  # each in -2..2
+    assert _chi2_uniform(((dy + 2) * 5 + dx + 2), 0, 24) < CHI2_CRITICAL[24]
+    assert _chi2_uniform(dy + 2, 0, 4) < CHI2_CRITICAL[4] and _chi2_uniform(dx + 2, 0, 4) < CHI2_CRITICAL[4]
+    padded = F.pad(images.float(), (2, 2, 2, 2), mode="reflect").long()  # airbench pads with torch's reflect
+    for index in range(0, batch, 17):
+        top, left = int(dy[index]) + 2, int(dx[index]) + 2
+        assert torch.equal(out[index], padded[index, :, top : top + 32, left : left + 32])
+
+
+def _mirrored(augment: BatchAugment, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images came out mirrored (bool per image), read from the column coordinates."""
+    out = _pixels(augment(images, torch.zeros(len(images), dtype=torch.long), index=index, epoch=epoch)[0])
+    steps = out[:, 1, 16, 17] - out[:, 1, 16, 16]
+    assert set(steps.tolist()) <= {1, -1}
+    return steps == -1
+
+
+def test_alternating_flips_mirror_each_image_in_exactly_every_other_epoch() -> None:
+    batch = 4000
+    images = _coordinate_images(batch)
+    augment = BatchAugment(num_classes=10, alternating_flip=True, seed=3, **IDENTITY)
+    index = torch.randperm(50_000, generator=torch.Generator().manual_seed(0))[:batch]  # dataset indices
+    flips = torch.stack([_mirrored(augment, images, index, epoch) for epoch in range(6)])  # (epochs, images)
+    assert torch.equal(flips[1:], ~flips[:-1]), "an image is mirrored in one epoch and not the next"
+    share = flips[0].double().mean().item()
+    assert abs(share - 0.5) < 4 * (0.25 / batch) ** 0.5  # each image's coin: half of them start mirrored
+    # The coin belongs to the image (its index), not to its place in the batch, and is the same on every call.
+    order = torch.randperm(batch, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_mirrored(augment, images, index[order], epoch=4), flips[4][order])
+    other_seed = BatchAugment(num_classes=10, alternating_flip=True, seed=4, **IDENTITY)
+    agree = (_mirrored(other_seed, images, index, epoch=0) == flips[0]).double().mean().item()
+    assert abs(agree - 0.5) < 4 * (0.25 / batch) ** 0.5, "another seed draws other coins"
+    with pytest.raises(ValueError, match="alternating flips need each image's dataset index and the epoch"):
+        augment(images, torch.zeros(batch, dtype=torch.long))
+
+
+def test_the_batch_source_gives_alternating_flips_each_image_and_its_epoch() -> None:
+    from cifar_train.data import MemoryTrainBatches
+    from cifar_train.data.decoded import DecodedSplit
+
+    count = 600
+    images = _coordinate_images(count).clone()
+    images[:, 2] = torch.arange(count).view(-1, 1, 1) % 251  # channel 2 names the image (with its label)
+    split = DecodedSplit(images, torch.arange(count))
+    augment = BatchAugment(num_classes=count, random_crop=False, alternating_flip=True, seed=0, **IDENTITY)
+    batches = MemoryTrainBatches(split, augment, batch_size=50, num_replicas=1, rank=0, seed=0, device="cpu")
+    seen = torch.zeros(3, count, dtype=torch.long)  # epoch x image: 1 = plain, 2 = mirrored
+    for epoch in range(3):
+        for out, targets in batches.epoch(epoch):
+            pixels = _pixels(out)
+            mirrored = pixels[:, 1, 0, 1] < pixels[:, 1, 0, 0]
+            seen[epoch, targets.argmax(dim=1)] = 1 + mirrored.long()
+    assert (seen > 0).all(), "every image trains once per epoch"
+    assert torch.equal(seen[1], 3 - seen[0]) and torch.equal(seen[2], seen[0])

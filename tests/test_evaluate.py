@@ -87,6 +87,41 @@ def test_flip_tta_is_invariant_on_symmetric_input_and_averages_softmax():
         predict(model, x, "five-crop")
 
 
+def test_flip_translate_tta_averages_the_softmax_of_airbenchs_six_views():
+    model = _model()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    # By hand: reflect padding by one pixel written out as index arithmetic (-1 -> 1, 8 -> 6).
+    reflect = torch.tensor([1, *range(8), 6])
+    padded = x[:, :, reflect][:, :, :, reflect]
+    down_right, up_left = padded[:, :, :8, :8], padded[:, :, 2:, 2:]
+    assert torch.equal(down_right[:, :, 1:, 1:], x[:, :, :7, :7]) and torch.equal(
+        up_left[:, :, :7, :7], x[:, :, 1:, 1:]
+    )
+    views = [(0.25, x), (0.25, x.flip(3))] + [(0.125, v) for m in (down_right, up_left) for v in (m, m.flip(3))]
+    with torch.no_grad():
+        expected = sum(weight * F.softmax(model(view), 1) for weight, view in views)
+    got = predict(model, x, "flip_translate")
+    torch.testing.assert_close(got.exp(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, predict(model, x, "flip"), atol=1e-4)
+    constant = torch.ones(2, 3, 8, 8) * torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)  # every view is the image
+    torch.testing.assert_close(predict(model, constant, "flip_translate"), predict(model, constant), atol=1e-5, rtol=0)
+
+
+def test_validation_with_tta_equals_predict_with_tta():
+    from accelerate import Accelerator
+
+    from cifar_train.loop import validate
+
+    model = _model()
+    images = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    valid = torch.tensor([True] * 5 + [False])
+    sums = validate(Accelerator(cpu=True), model, [(images, labels, valid)], True, tta="flip_translate")
+    log_probs = predict(model, images[:5], "flip_translate")
+    assert sums["val_loss"] == pytest.approx(F.nll_loss(log_probs, labels[:5]).item(), rel=1e-5)
+    assert sums["val_acc1"] == pytest.approx(100 * (log_probs.argmax(1) == labels[:5]).double().mean().item())
+
+
 # --------------------------------------------------------------------------------------------------
 # A real run directory on a tiny parquet dataset
 
@@ -152,6 +187,15 @@ def test_local_dir_source_other_split_and_tta(run):
     assert result["top1"] == pytest.approx((log_probs.argmax(1) == labels).double().mean().item() * 100)
     plain, _ = _hand_log_probs(model, data_dir, split="train")
     assert result["loss"] != pytest.approx(F.nll_loss(plain, labels).item(), rel=1e-5)  # TTA did change something
+
+
+def test_cli_flip_translate_tta_is_the_apis(run, tmp_path, capsys):
+    run_dir, _, _ = run
+    assert main([str(run_dir), "--tta", "flip_translate", "--json", "--out-dir", str(tmp_path / "out")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = evaluate(str(run_dir), tta="flip_translate", device="cpu")
+    assert result["tta"] == "flip_translate" and result["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert (tmp_path / "out" / "metrics_test_tta-flip_translate.json").is_file()
 
 
 def test_held_out_fraction_from_the_recipe(run, tmp_path):

@@ -69,6 +69,7 @@ PARAM_COUNTS = {
     "shake_shake26_2x64d": 11_653_978,
     "shake_shake26_2x96d": 26_192_922,
     "shake_shake26_2x128d": 46_539_994,
+    "airbench94": 1_972_792,  # as the published lib_airbench94.make_net94 counts it (1,971,352 of them train)
 }
 
 # Registered variants built with non-default kwargs, as the seed's tables use them.
@@ -224,15 +225,20 @@ def test_param_count_with_kwargs(name: str, kwargs: dict, expected: int):
 
 
 def test_train_forward_backward(built: Built):
-    """Training-mode forward at batch 2, then a backward that reaches every parameter. The largest models
-    (FORWARD_ONLY) run the forward without gradients: their backward costs too much CPU time."""
+    """Training-mode forward at batch 2, then a backward that reaches every trainable parameter (airbench94 freezes
+    its whitening filters and BN scales). The largest models (FORWARD_ONLY) run the forward without gradients:
+    their backward costs too much CPU time."""
     out = built.train_output
     assert out.shape == (TRAIN_BATCH, 10)
     assert torch.isfinite(out).all()
     if built.name not in FORWARD_ONLY:
         out.square().mean().backward()
         model = built.model
-        no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        no_grad = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+        ]
         model.zero_grad(set_to_none=True)
         assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"
 
@@ -276,16 +282,17 @@ def test_pretrained_cfg(built: Built):
 
 
 def test_forward_intermediates(built: Built):
-    """One map per `feature_info` level, of its channels and reduction; the last is what the head sees; `indices`
-    as a list with negative entries and `stop_early` select the same maps."""
+    """One map per `feature_info` level, of its channels and reduction (a map may be one pixel short of the input
+    over the reduction: airbench94's unpadded 2x2 stem); the last is what the head sees; `indices` as a list with
+    negative entries and `stop_early` select the same maps."""
     model, x = built.model, built.x
     final, maps = built.intermediates
     info = model.feature_info
     assert len(maps) == len(info)
     for fmap, f in zip(maps, info):
         assert fmap.shape[:2] == (len(x), f["num_chs"]), f["module"]
-        assert x.shape[-2] // fmap.shape[-2] == f["reduction"], f["module"]
-        assert x.shape[-1] // fmap.shape[-1] == f["reduction"], f["module"]
+        for side, map_side in zip(x.shape[-2:], fmap.shape[-2:]):
+            assert -(-side // f["reduction"]) - map_side in (0, 1), f["module"]
     assert torch.equal(final, built.features)
     assert torch.equal(maps[-1], final)
 
@@ -436,7 +443,7 @@ def test_grad_checkpointing(built: Built):
     torch.testing.assert_close(checkpointed, model.forward_head(built.features))
     torch.testing.assert_close(checkpointed_maps, plain_maps)
     model.train()(_input(model, TRAIN_BATCH)).square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert isinstance(model.group_matcher(), dict)
 
 

@@ -80,6 +80,35 @@ def test_the_groups_reach_the_optimizer():
     assert opt.defaults["nesterov"] is True and opt.defaults["momentum"] == 0.9
 
 
+@pytest.mark.parametrize("no_decay_on_bn", [False, True])
+def test_normalisation_biases_get_their_own_lr_and_weight_decay_scale(no_decay_on_bn):
+    model = TinyNet()
+    opt = create_optimizer(
+        model, name="sgd", lr=0.1, momentum=0.0, nesterov=False, weight_decay=1e-2,
+        no_weight_decay_on_bn=no_decay_on_bn, norm_bias_lr_scale=64.0, norm_bias_weight_decay_scale=1 / 64,
+    )  # fmt: skip
+    *others, norm_biases = opt.param_groups
+    assert _names(model, norm_biases["params"]) == {"bn.bias", "conv.bias", "gn.bias", "ln.bias"}  # by role
+    assert norm_biases["lr"] == pytest.approx(6.4) and others[0]["lr"] == 0.1  # group 0 keeps the base lr
+    assert norm_biases["weight_decay"] == (0.0 if no_decay_on_bn else pytest.approx(1e-2 / 64))
+    assert [g["weight_decay"] for g in others] == ([1e-2, 0.0] if no_decay_on_bn else [1e-2])
+    if not no_decay_on_bn:  # lr x weight decay, the decay per step, is the same for every parameter
+        assert norm_biases["lr"] * norm_biases["weight_decay"] == pytest.approx(0.1 * 1e-2)
+
+    # One plain SGD step: a normalisation bias moves by 64 x lr x (gradient) + lr x wd x (its value).
+    bias = model.bn.bias
+    with torch.no_grad():
+        bias.copy_(torch.linspace(-1, 1, len(bias)))
+    before = bias.detach().clone()
+    grad = torch.linspace(0.5, -0.5, len(bias))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    bias.grad = grad.clone()
+    opt.step()
+    expected = before - 6.4 * grad - (0.0 if no_decay_on_bn else 0.1 * 1e-2 * before)
+    torch.testing.assert_close(bias.detach(), expected)
+
+
 def _lars_step(w: list[float], g: list[float], buf: list[float], *, lr, momentum, wd, eps=1e-9, thresh=1e-2):
     """One step of the seed's LARS on plain Python floats."""
     w_norm = math.sqrt(sum(x * x for x in w))

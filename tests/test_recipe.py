@@ -89,8 +89,17 @@ def test_arrays_arrive_as_tuples_and_empty_strings_as_none():
 def test_integer_given_for_a_float_is_accepted_but_not_the_reverse():
     assert load_recipe(None, ["optim.lr=1"]).optim.lr == 1.0
     assert load_recipe(None, ["schedule.sgdr_t_mul=2", "schedule.name=sgdr"]).schedule.sgdr_t_mul == 2.0
-    with pytest.raises(UserError, match=r"train.epochs must be an integer, got float 1.5"):
-        load_recipe(None, ["train.epochs=1.5"])
+    with pytest.raises(UserError, match=r"train.batch_size must be an integer, got float 1.5"):
+        load_recipe(None, ["train.batch_size=1.5"])
+
+
+def test_epochs_may_be_fractional_but_not_a_boolean_or_infinite():
+    assert load_recipe(None, ["train.epochs=9.9"]).train.epochs == 9.9
+    assert load_recipe(None, ["train.epochs=3"]).train.epochs == 3  # whole epochs stay integers in recipe.toml
+    with pytest.raises(UserError, match=r"train.epochs must be an integer or a number, got True"):
+        load_recipe(None, ["train.epochs=true"])
+    with pytest.raises(UserError, match=r"train.epochs must be a finite number, got inf"):
+        load_recipe(None, ["train.epochs=inf"])
 
 
 @pytest.mark.parametrize(
@@ -99,7 +108,7 @@ def test_integer_given_for_a_float_is_accepted_but_not_the_reverse():
         (["optim.lrr=0.1"], r"unknown key optim.lrr \(did you mean 'lr'\?\)"),
         (["optimizer.lr=0.1"], r"unknown section \[optimizer\] \(did you mean 'optim'\?\)"),
         (["optim.lr=-0.1"], r"optim.lr = -0.1 is out of range; it must be > 0"),
-        (["train.epochs=0"], r"train.epochs = 0 is out of range; it must be >= 1"),
+        (["train.epochs=0"], r"train.epochs = 0 is out of range; it must be > 0"),
         (["augment.cutout_prob=1.5"], r"augment.cutout_prob = 1.5 is out of range; it must be <= 1"),
         (["augment.mix=mixupp"], r"augment.mix = \"mixupp\" is not allowed; choose one of .*did you mean 'mixup'"),
         (["augment.hflip=1"], r"augment.hflip must be a boolean, got 1"),
@@ -222,7 +231,7 @@ def _components():
     from cifar_train.schedule import schedule_curve
 
     return [
-        ("augment", AugmentConfig, BatchAugment, {"num_classes", "mean", "std"}),
+        ("augment", AugmentConfig, BatchAugment, {"num_classes", "mean", "std", "seed"}),
         ("optim", OptimConfig, create_optimizer, {"model"}),
         ("schedule", ScheduleConfig, schedule_curve, {"steps_per_epoch", "epochs"}),
         ("data", DataConfig, check_data, set()),

@@ -276,7 +276,8 @@ def _augment(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor) -> tupl
             mean=(0.5,) * channels,
             std=(0.25,) * channels,
         )
-        inputs, targets = build_augment(recipe, info)(images, labels)
+        index = torch.arange(len(images))  # the images' dataset indices (alternating flips use them)
+        inputs, targets = build_augment(recipe, info)(images, labels, index=index, epoch=0)
     views = 2 if recipe.augment.dual_cutout_alpha > 0 else 1
     assert inputs.shape == (views * len(images), *images.shape[1:]), f"augmented batch {tuple(inputs.shape)}"
     assert targets.shape == (len(inputs), num_classes)
@@ -288,10 +289,14 @@ def _train_step(model: torch.nn.Module, recipe: Recipe, inputs: torch.Tensor, ta
     """One optimizer step as the recipe configures it, checked for a finite loss, the lr and a changed weight."""
     from cifar_train.components import build_optimizer, build_scheduler
     from cifar_train.losses import dual_cutout_loss, soft_cross_entropy
+    from cifar_train.schedule import schedule_curve
+    from cifar_train.schema import section_kwargs
 
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=10)
-    assert math.isclose(optimizer.param_groups[0]["lr"], recipe.optim.lr), "step 0 must use the recipe's lr"
+    start = schedule_curve(steps_per_epoch=10, epochs=recipe.train.epochs, **section_kwargs(recipe.schedule))(0)
+    lr = optimizer.param_groups[0]["lr"]
+    assert math.isclose(lr, recipe.optim.lr * start), "step 0 must use the recipe's lr times its schedule's start"
     dual = recipe.augment.dual_cutout_alpha
     views = inputs.chunk(2) if dual > 0 else (inputs,)
     targets = targets[: len(views[0])]

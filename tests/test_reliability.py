@@ -50,7 +50,7 @@ FAST_BAD_INPUT = [  # (id, recipe text or None for the standard one, extra argum
     ("unknown key", "[train]\nepoch = 3\n", [], ["train.epoch", "did you mean 'epochs'"]),
     ("wrong type", "[train]\nepochs = 'ten'\n", [], ["train.epochs", "integer", "'ten'"]),
     ("negative lr", None, ["--set", "optim.lr=-0.1"], ["optim.lr = -0.1", "> 0"]),
-    ("zero epochs", None, ["--set", "train.epochs=0"], ["train.epochs = 0", ">= 1"]),
+    ("zero epochs", None, ["--set", "train.epochs=0"], ["train.epochs = 0", "> 0"]),
     ("probability above 1", None, ["--set", "augment.cutout_prob=1.5"], ["augment.cutout_prob = 1.5", "<= 1"]),
     ("unknown schedule", None, ["--set", "schedule.name='cosin'"], ['"cosin"', "did you mean 'cosine'", '"multistep"']),
     ("unknown mix", None, ["--set", "augment.mix='mixpu'"], ['"mixpu"', "did you mean 'mixup'"]),

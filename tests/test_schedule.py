@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cifar_train.errors import UserError
-from cifar_train.schedule import check_schedule, create_scheduler, schedule_curve
+from cifar_train.schedule import check_schedule, create_scheduler, epoch_count, run_steps, schedule_curve
 from cifar_train.schema import SCHEDULES, WARMUPS
 
 
@@ -277,3 +277,44 @@ def test_settings_without_effect_are_named(kwargs, ignored):
 def test_negative_step_is_a_value_error():
     with pytest.raises(ValueError, match="step must be >= 0, got -1"):
         lr_factor(-1, steps_per_epoch=2, epochs=3, name="constant")
+
+
+def _airbench_triangle(step: int, total: int, start: float, end: float, peak: float) -> float:
+    """airbench's triangle, stated from its definition: linear through (0, start), (floor(peak x total), 1) and
+    (total, end); the step at the peak belongs to the falling side."""
+    top = int(peak * total)
+    if step < top:
+        return start + (1 - start) * step / top
+    return 1 + (end - 1) * (step - top) / (total - top)
+
+
+def test_triangle_closed_form_over_airbench94s_fractional_run():
+    cfg = dict(steps_per_epoch=48, epochs=9.9, name="triangle", min_factor=0.07)  # airbench94: 476 steps
+    assert schedule_curve(**cfg).main_steps == 476
+    for k in range(477):
+        assert lr_factor(k, **cfg) == pytest.approx(_airbench_triangle(k, 476, 0.2, 0.07, 0.23), rel=1e-12), k
+    assert lr_factor(0, **cfg) == 0.2
+    assert lr_factor(109, **cfg) == 1.0  # int(0.23 x 476) = 109
+    assert lr_factor(476, **cfg) == pytest.approx(0.07) and lr_factor(500, **cfg) == pytest.approx(0.07)
+
+
+def test_triangle_with_its_own_start_and_peak_and_the_edge_peaks():
+    cfg = dict(steps_per_epoch=10, epochs=4, name="triangle", triangle_start_factor=0.5, triangle_peak=0.5)
+    assert [lr_factor(k, **cfg) for k in (0, 10, 20, 30, 40)] == pytest.approx([0.5, 0.75, 1.0, 1 - 0.999 / 2, 1e-3])
+    assert lr_factor(0, **dict(cfg, triangle_peak=0.0)) == 1.0  # the peak at the start: only the fall
+    assert lr_factor(40, **dict(cfg, triangle_peak=1.0)) == 1.0  # the peak at the end: only the rise
+    assert lr_factor(20, **dict(cfg, triangle_peak=1.0)) == pytest.approx(0.75)
+    found = check_schedule(epochs=4, name="cosine", triangle_peak=0.5)
+    assert {"schedule.triangle_peak", "schedule.triangle_start_factor"} <= set(found.ignored)
+
+
+@pytest.mark.parametrize(
+    ("steps_per_epoch", "epochs", "total", "started"),
+    [(48, 9.9, 476, 10), (100, 1.1, 110, 2), (3, 0.7, 3, 1), (7, 2, 14, 2), (10, 3.0, 30, 3), (4, 2.5, 10, 3)],
+)
+def test_fractional_epochs_run_the_ceiling_of_the_steps_the_decimal_says(steps_per_epoch, epochs, total, started):
+    assert run_steps(steps_per_epoch, epochs) == total
+    assert epoch_count(epochs) == started
+    cfg = dict(steps_per_epoch=steps_per_epoch, epochs=epochs, name="linear", min_factor=0.0)
+    assert schedule_curve(**cfg).main_steps == total
+    assert lr_factor(total, **cfg) == 0.0 and lr_factor(total - 1, **cfg) > 0.0

@@ -302,3 +302,43 @@ def test_no_tensor_is_built_from_python_values_per_batch(tmp_path, digits_dir, m
     cifar_train.loop.train(load_recipe(recipe), tmp_path / "run", log=lambda message: None)
     assert sum(counts["train_one_epoch"][1].values()) == 1, counts  # 4 batches, one read
     assert [sum(c.values()) for c in counts["validate"]] == [0, 0], counts  # 6 batches each
+
+
+# --------------------------------------------------------------------------------------------------------------
+# airbench's additions to the step: parameters that stop training, Lookahead
+
+
+def test_a_parameter_frozen_after_step_n_is_left_alone_by_the_optimizer_from_step_n_plus_one():
+    model, _ = _twins()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1, fused=True)
+    step = _step(model, optimizer=optimizer, freeze_after={"stem.conv.weight": 2})
+    frozen, free = step.model.stem.conv.weight, step.model.head.fc.weight
+    seen = [(frozen.detach().clone(), free.detach().clone())]
+    for index in range(1, 5):
+        step(*_batch(seed=index), index)
+        seen.append((frozen.detach().clone(), free.detach().clone()))
+    moved = [not torch.equal(seen[i][0], seen[i - 1][0]) for i in range(1, 5)]
+    assert moved == [True, True, False, False], "momentum and weight decay must not move it after step 2 either"
+    assert all(not torch.equal(seen[i][1], seen[i - 1][1]) for i in range(1, 5))
+
+
+def test_a_frozen_name_that_is_no_parameter_is_refused_with_a_suggestion():
+    model, _ = _twins()
+    with pytest.raises(UserError, match=r"names 'stem.conv.bais', .* \(did you mean 'stem.conv.weight'"):
+        _step(model, freeze_after={"stem.conv.bais": 3})
+    with pytest.raises(UserError, match=r"train.freeze_after_epochs: 'stem.conv.weight' = -1 must be a number"):
+        load_recipe(None, ["train.freeze_after_epochs={ 'stem.conv.weight' = -1 }"])
+
+
+def test_the_step_drives_its_lookahead_after_every_optimizer_step():
+    calls = []
+
+    class Recorder:
+        def step(self, index: int) -> None:
+            calls.append(index)
+
+    model, _ = _twins()
+    step = _step(model, lookahead=Recorder())
+    for index in (1, 2, 3):
+        step(*_batch(seed=index), index)
+    assert calls == [1, 2, 3]

@@ -91,9 +91,11 @@ class MemoryTrainBatches:
             shard = shard.pin_memory()
         shard = shard.to(self.device, non_blocking=True)  # once per epoch; batches are slices of it
         size = self.batch_size
+        by_index = getattr(self.augment, "uses_sample_index", False)  # e.g. alternating flips
         for step in range(start, len(self)):
             index = shard[step * size : (step + 1) * size]
-            yield self.augment(self.images.index_select(0, index), self.labels.index_select(0, index))
+            images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
+            yield self.augment(images, labels, index=index, epoch=epoch) if by_index else self.augment(images, labels)
 
 
 class MemoryEvalBatches:

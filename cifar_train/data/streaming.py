@@ -273,6 +273,8 @@ class StreamingTrainBatches:
             min_scale=min_scale,
             hflip=getattr(augment, "hflip", True),
         )
+        if getattr(augment, "uses_sample_index", False):
+            raise UserError("augment.alternating_flip needs the in-memory pipeline; streamed images flip at random")
         sampler = ShardedBatchSampler(
             len(split.rows), batch_size, num_replicas=num_replicas, rank=rank, seed=seed, shuffle=True, drop_last=True
         )
