@@ -207,13 +207,14 @@ def test_two_machines_on_localhost_under_accelerate_launch(tmp_path, digits_dir)
     recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"epochs": 2, "batch_size": 32})
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    port = str(free_port())  # both machines meet on it
 
     def machine(rank: int) -> subprocess.Popen:
         return subprocess.Popen(
             [
                 sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                 "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
                 str(ROOT / "train_accelerate.py"), str(recipe), "--output-dir", str(run_dir),
             ],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
