@@ -5,7 +5,7 @@ generated munge key and socket, `slurm.conf` (found by the clients through `SLUR
 Both nodes answer on 127.0.0.1 with ports of their own and one CPU each; `stop()` ends exactly the processes
 `start()` began (by the pid files they wrote) and removes the folder.
 
-    python tests/slurm_cluster.py     # start one by hand, print the environment to use it, Ctrl-C stops it
+    python tests/slurm_cluster.py     # start one by hand, print the environment to use it; Ctrl-C (or SIGTERM) stops it
 """
 
 from __future__ import annotations
@@ -199,8 +199,10 @@ def _terminate(pid: int, timeout: float = 20) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     cluster = SlurmCluster().start()
-    print(f"export SLURM_CONF={cluster.conf}")
+    print(f"export SLURM_CONF={cluster.conf}", flush=True)
     try:
         signal.pause()
     except KeyboardInterrupt:
