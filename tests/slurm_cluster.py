@@ -74,7 +74,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobRequeue=1
 MinJobAge=3600
-KillWait=30
+KillWait=5
 SchedulerParameters=sched_interval=1
 MessageTimeout=30
 SlurmctldTimeout=30

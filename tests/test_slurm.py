@@ -110,8 +110,8 @@ def test_a_job_stopped_mid_epoch_is_requeued_and_ends_bit_identical(how, long_re
     runs = tmp_path / "runs"
     run_dir = runs / "long-seed0"
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "cifar_train.sweep", str(recipe), "--seeds", "0", "--executor", "slurm"]
-        + ["--time", "10", "--signal-delay", "60", "--runs-dir", str(runs), "--results", str(tmp_path / "results")],
+        [sys.executable, "-m", "cifar_train.sweep", str(recipe), "--seeds", "0", "--executor", "slurm",
+         "--time", "10", "--signal-delay", "60", "--runs-dir", str(runs), "--results", str(tmp_path / "results")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **slurm_cluster.env},
     )  # fmt: skip
     wait_until(lambda: checkpoints(run_dir, "step_*_e0001_b000000"), "the first epoch's checkpoint", sweep)

@@ -34,8 +34,8 @@ def tiny_table(folder: Path, dataset: Path) -> tuple[Path, Path]:
 
 def table_run_dirs(runs: Path) -> list[Path]:
     """The four run directories of the tiny table x seeds 0, 1, in row then seed order."""
-    names = [plan.run_dir_name("tiny.toml", overrides, seed) for overrides in ([], ["optim.lr=0.02"]) for seed in (0, 1)]
-    return [runs / name for name in names]
+    rows = ([], ["optim.lr=0.02"])
+    return [runs / plan.run_dir_name("tiny.toml", overrides, seed) for overrides in rows for seed in (0, 1)]
 
 
 def files_and_mtimes(*folders: Path) -> dict[str, int]:
@@ -177,8 +177,9 @@ def test_a_grid_times_seeds_lists_every_combination_and_runs_nothing(digits_dir,
     for lr in ("0.1", "0.2"):
         for batch in ("16", "32"):
             for seed in (0, 1):
-                sets = f"--set train.seed={seed} --set optim.lr={lr} --set train.batch_size={batch} --set train.epochs=1"
-                name = plan.run_dir_name(recipe, [f"optim.lr={lr}", f"train.batch_size={batch}", "train.epochs=1"], seed)
+                point = [f"optim.lr={lr}", f"train.batch_size={batch}", "train.epochs=1"]
+                sets = " ".join(f"--set {item}" for item in [f"train.seed={seed}", *point])
+                name = plan.run_dir_name(recipe, point, seed)
                 assert sum(sets in c and c.endswith(f"--output-dir {runs / name}") for c in commands) == 1
     assert result.stdout.splitlines()[-1] == "8 runs: 8 new"
     assert not runs.exists()
@@ -196,7 +197,8 @@ def test_table_rows_by_number_and_label_and_several_recipes(digits_dir, tmp_path
         "other-seed3",
     ]
     assert plan.run_dir_name("recipes/cifar10/wrn28_10.toml", [], 2) == "cifar10-wrn28_10-seed2"
-    assert plan.run_dir_name("recipes/cifar10/wrn28_10_ricap_512.toml", [], 0, 8) == "cifar10-wrn28_10_ricap_512-np8-seed0"
+    pinned = plan.run_dir_name("recipes/cifar10/wrn28_10_ricap_512.toml", [], 0, 8)
+    assert pinned == "cifar10-wrn28_10_ricap_512-np8-seed0"
 
 
 @pytest.mark.slow  # the finished run it copies trains first
