@@ -94,6 +94,8 @@ def slurm_cluster():
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{reason}; {REQUIRE_ENV}=1 makes them mandatory")
         pytest.skip(reason)
-    cluster = SlurmCluster().start()
-    yield cluster
-    cluster.stop()
+    cluster = SlurmCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()  # exactly the daemons it started, also when starting failed half-way

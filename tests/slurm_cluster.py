@@ -165,13 +165,15 @@ class SlurmCluster:
         raise RuntimeError(f"the two Slurm nodes did not come up idle within {timeout:.0f}s ({shown})\n{self._logs()}")
 
     def stop(self) -> None:
-        """End the daemons this object started (slurmds first, munged last), then remove its folder."""
-        for pid_file in reversed(self._pid_files):
+        """End the daemons this object started (the Slurm ones together, then munged), then remove its folder."""
+        pids = []
+        for pid_file in self._pid_files:
             try:
-                pid = int(pid_file.read_text().split()[0])
+                pids.append(int(pid_file.read_text().split()[0]))
             except (OSError, ValueError, IndexError):
                 continue
-            _terminate(pid)
+        _terminate(pids[1:])  # slurmctld and both slurmd
+        _terminate(pids[:1])  # munged, which they talk to until they end
         self._pid_files.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -182,20 +184,25 @@ def _user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def _terminate(pid: int, timeout: float = 20) -> None:
+def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return
+        return False
+    return True
+
+
+def _terminate(pids: list[int], timeout: float = 20) -> None:
+    """SIGTERM each of `pids`, then SIGKILL those still there after `timeout` seconds."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

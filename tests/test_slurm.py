@@ -79,11 +79,11 @@ def test_status_and_dry_run_show_the_finished_sweep_and_submit_nothing(slurm_swe
 
 @pytest.fixture(scope="module")
 def long_recipe(tmp_path_factory, digits_dir):
-    """A recipe long enough to be caught mid-epoch (all 1,437 digits, 45 steps an epoch, a read every step), and
-    its uninterrupted run at seed 0 (the same command a sweep runs)."""
+    """A recipe long enough to be caught mid-epoch (all 1,437 digits, 45 steps an epoch, a read every step: two
+    epochs of steps after the first checkpoint), and its uninterrupted run at seed 0 (the command a sweep runs)."""
     folder = tmp_path_factory.mktemp("long")
     recipe = write_recipe(
-        folder / "long.toml", digits_dir, data={"train_limit": 0}, train={"epochs": 2}, log={"every_steps": 1}
+        folder / "long.toml", digits_dir, data={"train_limit": 0}, train={"epochs": 3}, log={"every_steps": 1}
     )
     reference = folder / "reference"
     done = run_cli(str(recipe), "--set", "train.seed=0", "--output-dir", str(reference))
