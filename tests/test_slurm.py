@@ -6,7 +6,8 @@ host, started once for this module by the `slurm_cluster` fixture (tests/slurm_c
 - a job signalled as Slurm signals it before its time limit (USR2, submitit's `--signal`), or requeued as a
   preemption does (`scontrol requeue`), mid-epoch: requeued, continued from its checkpoint, and its weights are
   those of an uninterrupted run of the same recipe and seed, bit for bit;
-- scripts/slurm/train_multinode.sbatch, as the README shows it, on both nodes: one run, two ranks in sync.
+- scripts/slurm/train_multinode.sbatch, as the README shows it, on both nodes: one run, two ranks in sync;
+- a submission sbatch refuses (an unknown partition): one line, nothing left behind.
 """
 
 from __future__ import annotations
@@ -156,3 +157,17 @@ def test_the_multinode_sbatch_script_runs_one_run_on_both_nodes(slurm_cluster, d
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 2 * (128 // 32)
     assert json.loads((run_dir / "env.json").read_text())["num_processes"] == 2
     assert json.loads((run_dir / "final_metrics.json").read_text())["ranks_in_sync"] is True
+
+
+def test_a_refused_submission_is_one_line_and_leaves_nothing(slurm_cluster, digits_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.toml", digits_dir)
+    runs = tmp_path / "runs"
+    done = run_sweep(
+        str(recipe), "--seeds", "0", "--runs-dir", str(runs), "--executor", "slurm", "--partition", "nosuch",
+        env=slurm_cluster.env,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        "error: sbatch refused the jobs: sbatch: error: Batch job submission failed: Invalid partition name specified"
+    ]
+    assert not runs.exists()

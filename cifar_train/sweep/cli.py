@@ -152,12 +152,20 @@ def _states(runs: list) -> list[tuple]:
     from .slurm import JOBS_DIR, live_jobs, read_job
 
     records = {run: read_job(run) for run in runs} if any((r.run_dir.parent / JOBS_DIR).is_dir() for r in runs) else {}
-    live = live_jobs() if any(records.values()) else {}
+    known = live_jobs() if any(records.values()) else {}
     rows = []
     for run in runs:
         job = records.get(run)
-        rows.append((run, state(run), job, (live or {}).get(job["job_id"]) if job else None))
+        slurm_state = (known or {}).get(job["job_id"]) if job else None
+        rows.append((run, state(run), job, slurm_state))
     return rows
+
+
+def _queued(slurm_state: str | None) -> bool:
+    """A Slurm job state of a job not ended: pending, running, requeued, suspended..."""
+    from .slurm import ENDED
+
+    return bool(slurm_state) and slurm_state not in ENDED
 
 
 def _show(rows: list[tuple], commands: dict | None) -> None:
@@ -171,7 +179,7 @@ def _show(rows: list[tuple], commands: dict | None) -> None:
             print(f"    log {run.log}{slurm_log}")
     counts = {}
     for _, current, _job, job_state in rows:
-        name = "queued" if job_state and current.name != "running" else current.name
+        name = "queued" if _queued(job_state) and current.name != "running" else current.name
         counts[name] = counts.get(name, 0) + 1
     print(f"{len(rows)} runs: " + ", ".join(f"{count} {name}" for name, count in counts.items()))
 
@@ -190,7 +198,8 @@ def _sweep(args: argparse.Namespace, status_view: bool) -> int:
     if status_view:
         _show(rows, None)
         return 0
-    todo = [run for run, current, _, job_state in rows if current.name in ("new", "checkpointed") and not job_state]
+    startable = ("new", "checkpointed")
+    todo = [run for run, current, _, job_state in rows if current.name in startable and not _queued(job_state)]
     if options is None:
         needed = bool(todo) and not args.dry_run
         gpus = list(args.gpus) if args.gpus else (visible_gpus() if needed and args.launcher != "python" else [])
@@ -209,7 +218,7 @@ def _sweep(args: argparse.Namespace, status_view: bool) -> int:
         _show(rows, commands)
         return 0
     for run, current, _, job_state in rows:
-        name = "queued" if job_state and current.name != "running" else current.name
+        name = "queued" if _queued(job_state) and current.name != "running" else current.name
         print(f"{run.run_dir.name}: {ACTIONS[name]} ({run.run_dir})", flush=True)
     try:
         if options is None:

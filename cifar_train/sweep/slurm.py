@@ -18,10 +18,13 @@ or running, and so that `status` can show the job.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +39,7 @@ from .local import Failure
 from .plan import SCRIPT, Run, state, train_arguments
 
 __all__ = [
+    "ENDED",
     "JOBS_DIR",
     "SlurmOptions",
     "TrainJob",
@@ -229,13 +233,22 @@ def read_job(run: Run) -> dict[str, str] | None:
         return None
 
 
+ENDED = frozenset(  # Slurm's states of a job that has ended
+    ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")
+)
+
+
 def live_jobs() -> dict[str, str] | None:
-    """Slurm's jobs of this user that have not ended, {job id (array tasks as 12_3): state}; None without Slurm."""
+    """Slurm's jobs of this user that it still knows, ended ones included, {job id (array tasks as 12_3): state};
+    None when squeue does not answer."""
     import getpass
 
     try:
         done = subprocess.run(
-            ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True, text=True, timeout=60
+            ["squeue", "-h", "-r", "-t", "all", "-u", getpass.getuser(), "-o", "%i|%T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -264,16 +277,23 @@ def submit(runs: Sequence[Run], options: SlurmOptions, runs_dir: Path) -> list[t
             "--executor slurm needs submitit: pip install 'cifar-recipes[slurm]' (or pip install submitit)"
         ) from None
     folder = runs_dir / JOBS_DIR
+    created = [path for path in (runs_dir, folder) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=options.max_timeouts)
     executor.update_parameters(**options.parameters())
     jobs = []
-    with executor.batch():
-        for run in runs:
-            job = TrainJob(
-                run, nodes=options.nodes, gpus_per_node=options.gpus_per_node, signal_delay_s=options.signal_delay_s
-            )
-            jobs.append(executor.submit(job))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # sbatch's complaint: one line below
+            for run in runs:
+                job = TrainJob(
+                    run, nodes=options.nodes, gpus_per_node=options.gpus_per_node, signal_delay_s=options.signal_delay_s
+                )
+                jobs.append(executor.submit(job))
+    except submitit.core.utils.FailedJobError as err:  # sbatch refused (a partition, an account, no controller)
+        if created:
+            shutil.rmtree(created[0], ignore_errors=True)
+        said = [line for line in str(err).splitlines() if line.strip()]
+        raise UserError(f"sbatch refused the jobs: {said[-1] if said else err}") from None
     for run, job in zip(runs, jobs, strict=True):
         record = {"job_id": job.job_id, "log": str(job.paths.stdout), "folder": str(job.paths.folder)}
         _record_path(run).write_text(json.dumps(record) + "\n", encoding="utf-8")
@@ -289,21 +309,27 @@ def _outcome(job: Any) -> tuple[str, Any] | None:
 
 
 def wait(submitted: Sequence[tuple[Run, Any]], poll_s: float = 2.0) -> list[Failure]:
-    """Follow the jobs until each has ended; returns the runs whose job failed (with the Slurm log named)."""
-    pending, failures, gone = list(submitted), [], {}
+    """Follow the jobs until each has ended; returns the runs whose job failed (with the Slurm log named).
+
+    A job has ended when its result is written, or when Slurm shows it ended (or no longer knows it) without
+    one, three polls in a row (a result file may take a moment to appear). A poll squeue does not answer counts
+    for nothing.
+    """
+    pending, failures, ended = list(submitted), [], {}
     while pending:
         time.sleep(poll_s)
-        live = live_jobs() or {}
+        jobs = live_jobs()
         for run, job in list(pending):
             outcome = _outcome(job)
-            if outcome is None and job.job_id in live:
-                gone.pop(job.job_id, None)
-                continue
-            if outcome is None:  # left the queue without a result: give the file system a few polls
-                gone[job.job_id] = gone.get(job.job_id, 0) + 1
-                if gone[job.job_id] < 3:
+            if outcome is None:
+                slurm_state = (jobs or {}).get(job.job_id)
+                if jobs is None or (slurm_state is not None and slurm_state not in ENDED):
+                    ended.pop(job.job_id, None)
                     continue
-                why = "the job ended without a result (cancelled, out of time or memory, or a node failed)"
+                ended[job.job_id] = ended.get(job.job_id, 0) + 1
+                if ended[job.job_id] < 3:
+                    continue
+                why = f"the job ended without a result ({slurm_state or 'no longer known to Slurm'})"
             elif outcome[0] == "success":
                 print(f"{run.run_dir.name}: done (Slurm job {job.job_id})", flush=True)
                 pending.remove((run, job))
