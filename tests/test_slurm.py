@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_weights, checkpoints, run_cli, run_sweep, write_recipe
+from helpers import assert_same_weights, checkpoints, run_main, run_sweep, write_recipe
 from test_sweep import check_table_sweep, table_run_dirs, tiny_table
+
+from cifar_train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm" / "train_multinode.sbatch"
@@ -87,7 +89,7 @@ def long_recipe(tmp_path_factory, digits_dir):
         folder / "long.toml", digits_dir, data={"train_limit": 0}, train={"epochs": 3}, log={"every_steps": 1}
     )
     reference = folder / "reference"
-    done = run_cli(str(recipe), "--set", "train.seed=0", "--output-dir", str(reference))
+    done = run_main(main, str(recipe), "--set", "train.seed=0", "--output-dir", str(reference))
     assert done.returncode == 0, done.stderr
     return recipe, reference
 
@@ -121,9 +123,10 @@ def test_a_job_stopped_mid_epoch_is_requeued_and_ends_bit_identical(how, long_re
         slurm(slurm_cluster, "scancel", "--signal=USR2", job_id)
     else:  # what a preemption with PreemptMode=REQUEUE does: SIGTERM to every process, then requeue
         slurm(slurm_cluster, "scontrol", "requeue", job_id)
-    wait_until(lambda: job_field(slurm_cluster, job_id, "Restarts") == "1", "the requeue", sweep)
+    wait_until(lambda: job_field(slurm_cluster, job_id, "Restarts") == "1", "the requeue", sweep, poll=0.2)
     # Slurm holds a requeued job for two minutes before it may start again; let it start now.
-    wait_until(lambda: job_field(slurm_cluster, job_id, "JobState") == "PENDING", "the job pending again", sweep)
+    pending = lambda: job_field(slurm_cluster, job_id, "JobState") == "PENDING"  # noqa: E731
+    wait_until(pending, "the job pending again", sweep, poll=0.2)
     slurm(slurm_cluster, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
     stdout, stderr = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, stdout[-2000:] + stderr[-2000:]

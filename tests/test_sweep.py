@@ -266,6 +266,24 @@ def test_launch_prefixes_and_grid_values() -> None:
     ]
 
 
+def test_slurm_options_reach_the_sbatch_script(tmp_path) -> None:
+    """Every option the sweep passes is one submitit knows, and lands in the job script as sbatch reads it."""
+    submitit_slurm = pytest.importorskip("submitit.slurm.slurm", reason="submitit (the slurm extra) writes the script")
+    from cifar_train.sweep.slurm import SlurmOptions, parse_time
+
+    options = SlurmOptions(
+        time_min=parse_time("1-02:03:00"), partition="gpu", nodes=2, gpus_per_node=4, cpus_per_task=8,
+        account="acct", qos="high", constraint="a100", array_parallelism=3, signal_delay_s=90, extra={"mem": "32G"},
+    )  # fmt: skip
+    script = submitit_slurm._make_sbatch_string(command="true", folder=tmp_path, map_count=10, **options.parameters())
+    for line in ("--time=1563", "--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--cpus-per-task=8",
+                 "--account=acct", "--qos=high", "--constraint=a100", "--array=0-9%3", "--signal=USR2@90",
+                 "--mem=32G", "--requeue", "--ntasks-per-node=1"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, line
+    assert options.processes == 8
+    assert [parse_time(t) for t in ("240", "4:00:00", "30:00", "2-0:30", "0:0:30")] == [240, 240, 30, 2910, 1]
+
+
 def test_visible_gpus_are_the_cuda_visible_devices_entries(monkeypatch) -> None:
     class Probe:  # what `torch.cuda.device_count()` printed in the probe subprocess
         stdout = "2\n"
