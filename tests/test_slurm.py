@@ -6,7 +6,8 @@ host, started once for this module by the `slurm_cluster` fixture (tests/slurm_c
 - a job signalled as Slurm signals it before its time limit (USR2, submitit's `--signal`), or requeued as a
   preemption does (`scontrol requeue`), mid-epoch: requeued, continued from its checkpoint, and its weights are
   those of an uninterrupted run of the same recipe and seed, bit for bit;
-- scripts/slurm/train_multinode.sbatch, as the README shows it, on both nodes: one run, two ranks in sync;
+- scripts/slurm/train_multinode.sbatch, as the README shows it, on both nodes: one run, two ranks in sync; the
+  same through a sweep with `--nodes 2`;
 - a submission sbatch refuses (an unknown partition): one line, nothing left behind.
 """
 
@@ -25,6 +26,7 @@ from helpers import assert_same_weights, checkpoints, run_main, run_sweep, write
 from test_sweep import check_table_sweep, table_run_dirs, tiny_table
 
 from cifar_train.cli import main
+from cifar_train.sweep.cli import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm" / "train_multinode.sbatch"
@@ -67,13 +69,14 @@ def test_a_two_row_table_times_two_seeds_on_slurm_gives_four_runs_and_four_recor
     assert sorted(job_ids) == [f"{array}_{task}" for task in range(4)]
 
 
-def test_status_and_dry_run_show_the_finished_sweep_and_submit_nothing(slurm_swept, slurm_cluster):
+def test_status_and_dry_run_show_the_finished_sweep_and_submit_nothing(slurm_swept, slurm_cluster, monkeypatch):
     _, _, runs, out, args, _ = slurm_swept
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])  # for the squeue the command asks
     before = slurm(slurm_cluster, "squeue", "-h", "-a", "-o", "%i")
-    status = run_sweep("status", *args, env=slurm_cluster.env)
+    status = run_main(sweep_main, "status", *args)
     assert status.returncode == 0, status.stderr
     assert status.stdout.count(" finished; Slurm job ") == 4 and status.stdout.splitlines()[-1] == "4 runs: 4 finished"
-    dry = run_sweep(*args, "--results", str(out), "--executor", "slurm", "--dry-run", env=slurm_cluster.env)
+    dry = run_main(sweep_main, *args, "--results", str(out), "--executor", "slurm", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines()[-1] == "4 runs: 4 finished" and "train_accelerate.py" not in dry.stdout
     assert slurm(slurm_cluster, "squeue", "-h", "-a", "-o", "%i") == before
@@ -141,25 +144,50 @@ def test_a_job_stopped_mid_epoch_is_requeued_and_ends_bit_identical(how, long_re
     assert f"recorded {tmp_path / 'results'}" in stdout
 
 
+def assert_one_run_over_both_nodes(run_dir: Path) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 2 * (128 // 32)
+    assert json.loads((run_dir / "env.json").read_text())["num_processes"] == 2
+    assert json.loads((run_dir / "final_metrics.json").read_text())["ranks_in_sync"] is True  # identical weights
+
+
 def test_the_multinode_sbatch_script_runs_one_run_on_both_nodes(slurm_cluster, digits_dir, tmp_path):
     """The script, exactly as README.md shows it, through sbatch on n1 and n2: one CPU process each."""
     readme = (ROOT / "README.md").read_text()
     assert f"```bash\n{SCRIPT.read_text()}```" in readme
     recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"epochs": 2, "batch_size": 32})
-    run_dir = tmp_path / "run"
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(
-        ["sbatch", "--wait", f"--output={tmp_path / 'job.out'}", str(SCRIPT), str(recipe), str(run_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env},
+        ["sbatch", "--parsable", f"--output={output}", str(SCRIPT), str(recipe), str(run_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **env},
     )  # fmt: skip
-    output = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").is_file() else ""
-    assert done.returncode == 0, done.stderr + output[-3000:]
-    job_id = re.search(r"Submitted batch job (\d+)", done.stdout)[1]
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().split(";")[0]
+    deadline = time.time() + 600
+    while job_field(slurm_cluster, job_id, "JobState") in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+        assert time.time() < deadline, "the job did not end in 10 minutes"
+        time.sleep(0.5)
+    log = output.read_text() if output.is_file() else ""
+    assert job_field(slurm_cluster, job_id, "JobState") == "COMPLETED", log[-3000:]
     assert job_field(slurm_cluster, job_id, "NodeList") == "n[1-2]"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 2 * (128 // 32)
-    assert json.loads((run_dir / "env.json").read_text())["num_processes"] == 2
-    assert json.loads((run_dir / "final_metrics.json").read_text())["ranks_in_sync"] is True
+    assert_one_run_over_both_nodes(run_dir)
+
+
+def test_a_sweep_with_two_nodes_per_job_runs_over_both(slurm_cluster, digits_dir, tmp_path):
+    """`--nodes 2`: one job, one launcher per node with its rank, one run over both."""
+    recipe = write_recipe(tmp_path / "r.toml", digits_dir, train={"epochs": 2, "batch_size": 32})
+    runs = tmp_path / "runs"
+    done = run_sweep(
+        str(recipe), "--seeds", "0", "--executor", "slurm", "--nodes", "2", "--runs-dir", str(runs),
+        "--results", str(tmp_path / "results"), env={**slurm_cluster.env, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    job_id = json.loads((runs / ".slurm" / "r-seed0.json").read_text())["job_id"]
+    assert job_field(slurm_cluster, job_id, "NodeList") == "n[1-2]"
+    for rank, log in enumerate((runs / "r-seed0.log", runs / "r-seed0.node1.log")):
+        assert f"--num_machines 2 --num_processes 2 --machine_rank {rank} " in log.read_text().splitlines()[0]
+    assert_one_run_over_both_nodes(runs / "r-seed0")
 
 
 def test_a_refused_submission_is_one_line_and_leaves_nothing(slurm_cluster, digits_dir, tmp_path):
