@@ -184,9 +184,39 @@ def _show(rows: list[tuple], commands: dict | None) -> None:
     print(f"{len(rows)} runs: " + ", ".join(f"{count} {name}" for name, count in counts.items()))
 
 
-def _sweep(args: argparse.Namespace, status_view: bool) -> int:
-    from .local import Interrupted, launch_prefix, run_locally, visible_gpus
+def _commands(rows: list[tuple], todo: list, options, launcher: str) -> dict:
+    """{run: the command that starts or continues it} for the runs to do (for Slurm: what each job's node runs)."""
+    from .local import launch_prefix
     from .plan import SCRIPT, train_arguments
+
+    commands = {}
+    for run, current, _, _ in rows:
+        if run in todo:
+            if options is None:
+                prefix = launch_prefix(launcher, run.processes)
+            else:  # on several nodes each adds its rank (see slurm.TrainJob.command)
+                prefix = launch_prefix("accelerate" if options.gpus_per_node else "python", options.processes)
+            commands[run] = [*prefix, str(SCRIPT), *train_arguments(run, current)]
+    return commands
+
+
+def _execute(args: argparse.Namespace, options, todo: list, commands: dict, gpus: list[str]) -> list | None:
+    """Run (or submit and follow) the runs to do; the failures, or None when --no-wait returned at once."""
+    from .local import run_locally
+
+    if options is None:
+        return run_locally([(run, commands[run]) for run in todo], gpus)
+    from .slurm import submit, wait
+
+    submitted = submit(todo, options, Path(args.runs_dir)) if todo else []
+    if args.no_wait:
+        print("submitted; follow them with `python -m cifar_train.sweep status` and the same arguments", flush=True)
+        return None
+    return wait(submitted)
+
+
+def _sweep(args: argparse.Namespace, status_view: bool) -> int:
+    from .local import Interrupted, visible_gpus
 
     runs = _runs(args)
     options = _slurm_options(args) if args.executor == "slurm" else None
@@ -200,18 +230,12 @@ def _sweep(args: argparse.Namespace, status_view: bool) -> int:
         return 0
     startable = ("new", "checkpointed")
     todo = [run for run, current, _, job_state in rows if current.name in startable and not _queued(job_state)]
+    gpus, launcher = [], "python"
     if options is None:
         needed = bool(todo) and not args.dry_run
         gpus = list(args.gpus) if args.gpus else (visible_gpus() if needed and args.launcher != "python" else [])
         launcher = args.launcher if args.launcher != "auto" else ("accelerate" if gpus else "python")
-    commands = {}
-    for run, current, _, _ in rows:
-        if run in todo:
-            if options is None:
-                prefix = launch_prefix(launcher, run.processes)
-            else:  # what the job runs (on each node, with its rank, for several nodes)
-                prefix = launch_prefix("accelerate" if options.gpus_per_node else "python", options.processes)
-            commands[run] = [*prefix, str(SCRIPT), *train_arguments(run, current)]
+    commands = _commands(rows, todo, options, launcher)
     if args.dry_run:
         if options is not None:
             print(f"slurm: one job per run, {options.parameters()}")
@@ -221,23 +245,15 @@ def _sweep(args: argparse.Namespace, status_view: bool) -> int:
         name = "queued" if _queued(job_state) and current.name != "running" else current.name
         print(f"{run.run_dir.name}: {ACTIONS[name]} ({run.run_dir})", flush=True)
     try:
-        if options is None:
-            failures = run_locally([(run, commands[run]) for run in todo], gpus)
-        else:
-            from .slurm import submit, wait
-
-            submitted = submit(todo, options, Path(args.runs_dir)) if todo else []
-            if args.no_wait:
-                print("submitted; follow with `python -m cifar_train.sweep status ...`, the same arguments", flush=True)
-                return 0
-            failures = wait(submitted)
+        failures = _execute(args, options, todo, commands, gpus)
     except Interrupted:
-        message = "interrupted; the runs keep their checkpoints: run the sweep again to continue them"
-        print(f"error: {message}", file=sys.stderr)
+        print("error: interrupted; the runs keep their checkpoints: the sweep again continues them", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # following Slurm jobs
         print("error: stopped following; the Slurm jobs go on (see `status`)", file=sys.stderr)
         return 130
+    if failures is None:
+        return 0
     finished = [run.run_dir for run in runs if (run.run_dir / "final_metrics.json").is_file()]
     written = collect(finished, args.results, with_weights=args.with_weights) if finished else []
     for path, changed in written:
