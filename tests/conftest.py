@@ -81,14 +81,15 @@ def tiny_run(tmp_path_factory, digits_dir) -> FinishedRun:
 def slurm_cluster():
     """A real Slurm of two nodes on this host (tests/slurm_cluster.py), started once and stopped at the end.
 
-    Skipped where Slurm, munge or submitit is not installed, unless CIFAR_RECIPES_REQUIRE_SLURM=1 (.ci/run sets
-    it, after installing them), where their absence fails the tests that need it.
+    Skipped where Slurm, munge or submitit is not installed (or the tests do not run as root), unless
+    CIFAR_RECIPES_REQUIRE_SLURM=1 (.ci/run sets it, after installing them): then their absence fails the tests.
     """
     import importlib.util
 
     from slurm_cluster import REQUIRE_ENV, SlurmCluster, missing_binaries
 
     missing = missing_binaries() + ([] if importlib.util.find_spec("submitit") else ["submitit (pip)"])
+    missing += [] if os.geteuid() == 0 else ["root (slurmd starts jobs as their user)"]
     if missing:
         reason = f"Slurm tests need {', '.join(missing)} (apt-get install slurm-wlm munge; pip install submitit)"
         if os.environ.get(REQUIRE_ENV) == "1":

@@ -88,6 +88,7 @@ def test_a_two_row_table_times_two_seeds_gives_four_runs_and_four_records(swept)
     for run_dir in table_run_dirs(runs):
         assert f"{run_dir.name}: starting ({run_dir})" in done.stdout
     assert done.stdout.count("recorded ") == 4
+    assert "the tables from the records: python -m cifar_train.results table --write" in done.stdout
 
 
 @pytest.mark.slow
@@ -99,7 +100,7 @@ def test_a_second_call_skips_finished_runs_and_touches_nothing(swept) -> None:
     )
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("finished, skipping") == 4 and "starting" not in again.stdout
-    assert again.stdout.count("already recorded") == 4
+    assert again.stdout.count("already recorded") == 4 and "table --write" not in again.stdout  # nothing new
     assert files_and_mtimes(runs, out) == before
 
 

@@ -258,6 +258,8 @@ def _sweep(args: argparse.Namespace, status_view: bool) -> int:
     written = collect(finished, args.results, with_weights=args.with_weights) if finished else []
     for path, changed in written:
         print(f"{'recorded' if changed else 'already recorded'} {path}")
+    if any(changed for _, changed in written):
+        print("the tables from the records: python -m cifar_train.results table --write")
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     return failures[0].status if failures else 0
