@@ -75,3 +75,28 @@ def tiny_run(tmp_path_factory, digits_dir) -> FinishedRun:
     result = run_cli(str(recipe), "--output-dir", str(run_dir), env={"HF_TOKEN": HUB_TOKEN})
     assert result.returncode == 0, result.stderr
     return FinishedRun(recipe, run_dir, result)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real Slurm of two nodes on this host (tests/slurm_cluster.py), started once and stopped at the end.
+
+    Skipped where Slurm, munge or submitit is not installed (or the tests do not run as root), unless
+    CIFAR_RECIPES_REQUIRE_SLURM=1 (.ci/run sets it, after installing them): then their absence fails the tests.
+    """
+    import importlib.util
+
+    from slurm_cluster import REQUIRE_ENV, SlurmCluster, missing_binaries
+
+    missing = missing_binaries() + ([] if importlib.util.find_spec("submitit") else ["submitit (pip)"])
+    missing += [] if os.geteuid() == 0 else ["root (slurmd starts jobs as their user)"]
+    if missing:
+        reason = f"Slurm tests need {', '.join(missing)} (apt-get install slurm-wlm munge; pip install submitit)"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_ENV}=1 makes them mandatory")
+        pytest.skip(reason)
+    cluster = SlurmCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()  # exactly the daemons it started, also when starting failed half-way

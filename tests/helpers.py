@@ -77,6 +77,15 @@ def write_recipe(path: Path, dataset: Path | str, **sections: dict) -> Path:
     return path
 
 
+def write_table(path: Path, heading: str, rows: list[dict]) -> Path:
+    """A seed-tables file (results/seed_tables.toml's format) with one README table of `rows`."""
+    lines = ['[documents."README.md"]', 'title = "Results"', "level = 2", "", "[[tables]]"]
+    lines += ['document = "README.md"', f"heading = {toml_value(heading)}", "rows = ["]
+    lines += [f"  {toml_value({'seed': '—', **row})}," for row in rows] + ["]"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The command line
 
@@ -89,6 +98,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     """`python train_accelerate.py ARGS` in a fresh process, as a user runs it."""
     return subprocess.run(
         cli_command(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT
+    )
+
+
+def run_sweep(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m cifar_train.sweep ARGS` in a fresh process, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_train.sweep", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
