@@ -119,6 +119,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-column", help="image column (default: the run's, else detected)")
     parser.add_argument("--label-column", help="label column (default: the run's, else detected)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        help="DataLoader workers where the split streams (default: the run's data.num_workers, else up to 8)",
+    )
     parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: flip averages image and mirror")
     parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl", help="write per-sample predictions")
     parser.add_argument("--json", action="store_true", help="print one JSON line, nothing else (and write no file)")

@@ -12,6 +12,7 @@
     info.py       `DatasetInfo`, mean/std from pixel sums, the summary line
     sampler.py    `ShardedBatchSampler`: the epoch's seeded permutation, per-rank shards
     batches.py    the in-memory batch sources (`TrainBatches`, `EvalBatches` on the device)
+    transforms.py timm's transforms, and the run's one evaluation transform as timm's data config
     streaming.py  `choose_pipeline`, and the streaming batch sources (timm transforms via `with_transform`)
     training.py   `check_data` and `open_training_data`: the `[data]` section's entry point for training
     describe.py   `describe_dataset`: what a dataset is, without writing or downloading anything
@@ -46,6 +47,7 @@ _EXPORTS = {
     "describe_dataset": "describe",
     "load_dataset_splits": "decoded",
     "load_split": "decoded",
+    "open_one_split": "source",
     "open_training_data": "training",
     "resolve_dataset": "source",
     "stratified_subset": "decoded",
@@ -72,6 +74,7 @@ __all__ = [
     "describe_dataset",
     "load_dataset_splits",
     "load_split",
+    "open_one_split",
     "open_training_data",
     "resolve_dataset",
     "stratified_subset",
@@ -84,7 +87,7 @@ if TYPE_CHECKING:
     from .describe import describe_dataset
     from .info import DatasetInfo
     from .sampler import ShardedBatchSampler
-    from .source import DATASET_ALIASES, default_cache_dir, resolve_dataset
+    from .source import DATASET_ALIASES, default_cache_dir, open_one_split, resolve_dataset
     from .streaming import StreamingEvalBatches, StreamingSplit, StreamingTrainBatches, choose_pipeline, streaming_info
     from .training import TrainingData, check_data, open_training_data
 

@@ -13,7 +13,7 @@ Per-sample randomness draws from the workers' seeded RNGs: do not expect bit-exa
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from cifar_train.data.source import (
     split_classes,
     split_records,
 )
+from cifar_train.data.transforms import data_config, eval_transform, train_transform
 from cifar_train.errors import UserError
 
 __all__ = [
@@ -164,36 +165,10 @@ class _Transform:
         return {"image": [self.transform(image) for image in images], "label": batch[_LABELS]}
 
 
-def _timm_transform(
-    channels: int,
-    image_size: int,  # pixels
-    eval_resize: int,  # pixels
-    *,
-    training: bool,
-    mean: Sequence[float] | None = None,  # None: no normalisation (values in [0, 1])
-    std: Sequence[float] | None = None,
-    min_scale: float = 0.08,
-    hflip: bool = True,
-) -> Any:
-    from timm.data import create_transform
-
-    return create_transform(
-        input_size=(channels, image_size, image_size),
-        is_training=training,
-        scale=(min_scale, 1.0),
-        hflip=0.5 if hflip else 0.0,
-        color_jitter=0.0,
-        interpolation="bilinear",
-        crop_pct=image_size / eval_resize,
-        normalize=mean is not None,
-        **({"mean": tuple(mean), "std": tuple(std)} if mean is not None else {}),
-    )
-
-
 def streaming_info(
     train: StreamingSplit,
     *,
-    image_size: int = 224,  # pixels; statistics are taken on centre crops of this size
+    image_size: int = 224,  # pixels; statistics are taken on the evaluation transform's centre crops
     eval_resize: int = 256,  # pixels
     sample_size: int = 2048,  # training images sampled for mean and std
     seed: int = 0,
@@ -201,14 +176,8 @@ def streaming_info(
     """`DatasetInfo` for the streaming path; mean and std come from a seeded sample of training images."""
     count = min(sample_size, len(train.rows))
     picks = torch.randperm(len(train.rows), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    to_tensor = _timm_transform(train.channels, image_size, eval_resize, training=False)
-    sample = train.transformed(to_tensor, train.rows.select(picks.tolist()))
-    sums, squares = [], []
-    for start in range(0, count, 256):  # chunks bound the memory: 256 float crops at a time
-        pixels = torch.stack(sample[start : start + 256]["image"]).mul_(255).round_().to(torch.int64).flatten(2)
-        sums.append(pixels.sum(2))
-        squares.append(pixels.square().sum(2))
-    mean, std = mean_std(torch.cat(sums), torch.cat(squares), image_size * image_size)
+    sample = train.transformed(eval_crops(train.channels, image_size, eval_resize), train.rows.select(picks.tolist()))
+    mean, std = crop_statistics(sample[start : start + 256]["image"] for start in range(0, count, 256))
     return DatasetInfo(
         name=train.name,
         num_classes=train.num_classes,
@@ -217,7 +186,31 @@ def streaming_info(
         image_size=(image_size, image_size),
         mean=mean,
         std=std,
+        eval_resize=eval_resize,
     )
+
+
+def eval_crops(channels: int, image_size: int, eval_resize: int) -> Any:
+    """The evaluation transform's resize and centre crop, as uint8 tensors (no normalisation)."""
+    config = data_config(
+        channels=channels,
+        image_size=(image_size, image_size),
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        eval_resize=eval_resize,
+    )
+    return eval_transform(config, normalize=False)
+
+
+def crop_statistics(chunks: Iterable[Sequence[torch.Tensor]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] of uint8 crops (C, H, W), given a chunk at a time (bounded memory)."""
+    sums, squares, pixels = [], [], 0
+    for chunk in chunks:
+        values = torch.stack(list(chunk)).to(torch.int64).flatten(2)  # uint8 0-255, exact in int64
+        sums.append(values.sum(2))
+        squares.append(values.square().sum(2))
+        pixels = values.shape[2]
+    return mean_std(torch.cat(sums), torch.cat(squares), pixels)
 
 
 class _EpochView:
@@ -259,15 +252,12 @@ class StreamingTrainBatches:
         mean: Sequence[float],
         std: Sequence[float],
         image_size: int,  # pixels
-        eval_resize: int,  # pixels
         min_scale: float,
         num_workers: int,
     ) -> None:
-        transform = _timm_transform(
-            split.channels,
-            image_size,
-            eval_resize,
-            training=True,
+        transform = train_transform(
+            channels=split.channels,
+            image_size=image_size,
             mean=mean,
             std=std,
             min_scale=min_scale,
@@ -291,16 +281,13 @@ class StreamingTrainBatches:
 
 
 class StreamingEvalBatches:
-    """Evaluation batches: resize + centre crop + normalise in the workers; fixed size, padded, masked."""
+    """Evaluation batches: the run's evaluation transform in the workers; fixed size, padded, masked."""
 
     def __init__(
         self,
         split: StreamingSplit,
         *,
-        mean: Sequence[float],
-        std: Sequence[float],
-        image_size: int,  # pixels
-        eval_resize: int,  # pixels
+        data_config: Mapping[str, Any],  # timm's data config of the evaluation transform (`transforms.py`)
         batch_size: int,  # per rank
         num_replicas: int = 1,
         rank: int = 0,
@@ -308,7 +295,7 @@ class StreamingEvalBatches:
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        transform = _timm_transform(split.channels, image_size, eval_resize, training=False, mean=mean, std=std)
+        transform = eval_transform(data_config)
         self.num_samples = len(split.rows)
         start, stop, self.num_batches = eval_block(self.num_samples, batch_size, num_replicas, rank)
         block = split.transformed(transform, split.rows.select(range(start, stop)))
@@ -316,7 +303,7 @@ class StreamingEvalBatches:
         generator = torch.Generator().manual_seed(seed)
         self.loader = _loader(block, num_workers, batch_size=batch_size, shuffle=False, generator=generator)
         self.batch_size, self.device = batch_size, torch.device(device)
-        self.shape = (split.channels, image_size, image_size)
+        self.shape = tuple(data_config["input_size"])
 
     def __len__(self) -> int:
         return self.num_batches

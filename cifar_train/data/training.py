@@ -247,12 +247,11 @@ def _streaming_data(
                 how=how,
             )
         )
-    common = dict(mean=info.mean, std=info.std, image_size=options["image_size"], eval_resize=options["eval_resize"])
+    workers = options["num_workers"]
+    train_options = dict(mean=info.mean, std=info.std, image_size=options["image_size"], min_scale=options["min_scale"])
     return TrainingData(
         info,
         "streaming",
-        functools.partial(
-            StreamingTrainBatches, train, min_scale=options["min_scale"], num_workers=options["num_workers"], **common
-        ),
-        functools.partial(StreamingEvalBatches, val, num_workers=options["num_workers"], seed=seed, **common),
+        functools.partial(StreamingTrainBatches, train, num_workers=workers, **train_options),
+        functools.partial(StreamingEvalBatches, val, data_config=info.data_config, num_workers=workers, seed=seed),
     )
