@@ -243,6 +243,8 @@ def _streams(
     from cifar_train import data as data_lib
 
     if cfg is not None:
+        if cfg.streaming_source:
+            return True
         run_columns = dict(image_column=cfg.image_column or None, label_column=cfg.label_column or None)
         chosen = data_lib.choose_pipeline(
             source, pipeline=cfg.pipeline, train_split=cfg.train_split, skip_corrupt=cfg.skip_corrupt, **run_columns
