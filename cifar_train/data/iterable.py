@@ -264,10 +264,10 @@ class IterableTrainBatches:
         from cifar_train.data.transforms import train_transform
 
         readers = max(1, min(num_workers, stream.rows.num_shards))
+        from cifar_train.augment import Normalize
+
         hflip = getattr(augment, "hflip", True)
-        transform = train_transform(
-            channels=stream.channels, image_size=image_size, mean=mean, std=std, min_scale=min_scale, hflip=hflip
-        )
+        transform = train_transform(channels=stream.channels, image_size=image_size, min_scale=min_scale, hflip=hflip)
         labels = None
         if classes is not None:
             what = f"the classes of split {stream.split!r}"
@@ -294,6 +294,7 @@ class IterableTrainBatches:
             generator=torch.Generator().manual_seed(seed),  # worker seeds must not come from the training RNG
         )
         self.augment, self.device, self.readers = augment, torch.device(device), readers
+        self._normalize = Normalize(mean, std, self.device)
 
     def __len__(self) -> int:
         return self._readers.readers * self._readers.batches
@@ -301,5 +302,5 @@ class IterableTrainBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._readers.position.copy_(torch.tensor([epoch, start]))
         for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True)
+            images = self._normalize(images.to(self.device, non_blocking=True))  # uint8 from the readers
             yield self.augment.normalized(images, labels.to(self.device, non_blocking=True))

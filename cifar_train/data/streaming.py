@@ -5,9 +5,12 @@ and anything already in the decode cache go to memory, ImageNet streams, and any
 (a few images' sizes and the row count: memory when one size fits in `max_memory_bytes`).
 
 Streaming decodes and transforms each sample in the loader's workers through `Dataset.with_transform`
-(RandomResizedCrop + flip for training, resize + centre crop for evaluation, both normalised), so the
-training loop gets float batches and applies only the batch-level steps (`BatchAugment.normalized`).
-Per-sample randomness draws from the workers' seeded RNGs: do not expect bit-exact resume here.
+(RandomResizedCrop + flip for training, the run's resize + centre crop for evaluation: `transforms.py`) into
+uint8 tensors; the batches go to the device (pinned memory on CUDA, persistent workers, each prefetching two
+batches) and are normalised there, as timm's own prefetching loader does, before the batch-level steps
+(`BatchAugment.normalized`). Per-sample randomness draws from the workers' seeded RNGs: do not expect
+bit-exact resume here (`data.streaming_source`, `iterable.py`, seeds each image by its place and does resume
+exactly).
 """
 
 from __future__ import annotations
@@ -237,7 +240,7 @@ def _loader(dataset: Any, num_workers: int, **options: Any) -> DataLoader:
 
 
 class StreamingTrainBatches:
-    """Training batches: RandomResizedCrop + flip + normalise in the workers, then `augment.normalized`."""
+    """Training batches: RandomResizedCrop + flip in the workers, normalisation on the device, `augment.normalized`."""
 
     def __init__(
         self,
@@ -255,20 +258,17 @@ class StreamingTrainBatches:
         min_scale: float,
         num_workers: int,
     ) -> None:
-        transform = train_transform(
-            channels=split.channels,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            min_scale=min_scale,
-            hflip=getattr(augment, "hflip", True),
-        )
+        from cifar_train.augment import Normalize
+
+        hflip = getattr(augment, "hflip", True)
+        transform = train_transform(channels=split.channels, image_size=image_size, min_scale=min_scale, hflip=hflip)
         sampler = ShardedBatchSampler(
             len(split.rows), batch_size, num_replicas=num_replicas, rank=rank, seed=seed, shuffle=True, drop_last=True
         )
         self._view = _EpochView(sampler)
         self.loader = _loader(split.transformed(transform), num_workers, batch_sampler=self._view)
         self.augment, self.device = augment, torch.device(device)
+        self._normalize = Normalize(mean, std, self.device)
 
     def __len__(self) -> int:
         return len(self._view.sampler)
@@ -276,12 +276,13 @@ class StreamingTrainBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._view.epoch, self._view.start = epoch, start
         for batch in self.loader:
-            images = batch["image"].to(self.device, non_blocking=True)
+            images = self._normalize(batch["image"].to(self.device, non_blocking=True))  # uint8 from the workers
             yield self.augment.normalized(images, batch["label"].to(self.device, non_blocking=True))
 
 
 class StreamingEvalBatches:
-    """Evaluation batches: the run's evaluation transform in the workers; fixed size, padded, masked."""
+    """Evaluation batches: the run's evaluation transform (resize and crop in the workers, normalisation on the
+    device: bit for bit timm's `create_transform` of the same config); fixed size, padded, masked."""
 
     def __init__(
         self,
@@ -295,7 +296,9 @@ class StreamingEvalBatches:
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        transform = eval_transform(data_config)
+        from cifar_train.augment import Normalize
+
+        transform = eval_transform(data_config, normalize=False)
         self.num_samples = len(split.rows)
         start, stop, self.num_batches = eval_block(self.num_samples, batch_size, num_replicas, rank)
         block = split.transformed(transform, split.rows.select(range(start, stop)))
@@ -304,6 +307,7 @@ class StreamingEvalBatches:
         self.loader = _loader(block, num_workers, batch_size=batch_size, shuffle=False, generator=generator)
         self.batch_size, self.device = batch_size, torch.device(device)
         self.shape = tuple(data_config["input_size"])
+        self._normalize = Normalize(data_config["mean"], data_config["std"], self.device)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -312,7 +316,7 @@ class StreamingEvalBatches:
         size, done = self.batch_size, 0
         for batch in self.loader:
             count = len(batch["label"])
-            images = pad_batch(batch["image"], size).to(self.device, non_blocking=True)
+            images = self._normalize(pad_batch(batch["image"], size).to(self.device, non_blocking=True))
             labels = pad_batch(batch["label"], size).to(self.device, non_blocking=True)
             yield images, labels, (torch.arange(size) < count).to(self.device, non_blocking=True)
             done += 1

@@ -65,7 +65,8 @@ def data_config(
 
 
 def eval_transform(config: Mapping[str, Any], *, normalize: bool = True) -> Any:
-    """timm's evaluation transform of a data config; `normalize=False`: uint8 tensors (for statistics)."""
+    """timm's evaluation transform of a data config; `normalize=False`: uint8 tensors, to be normalised by
+    `cifar_train.augment.Normalize` on the device (the same float32 values, bit for bit) or counted (statistics)."""
     from timm.data import create_transform
 
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -76,12 +77,13 @@ def train_transform(
     *,
     channels: int,
     image_size: int,  # pixels
-    mean: Sequence[float],
-    std: Sequence[float],
     min_scale: float = 0.08,  # RandomResizedCrop's smallest area share
     hflip: bool = True,
 ) -> Any:
-    """timm's training transform: RandomResizedCrop (bilinear), horizontal flip, normalisation; no colour jitter."""
+    """timm's training transform to uint8 tensors: RandomResizedCrop (bilinear), horizontal flip; no colour jitter.
+
+    Normalisation follows on the training device, as timm's own loader does it (its prefetcher): the workers
+    and the pinned host-to-device copies carry a quarter of the bytes of float images."""
     from timm.data import create_transform
 
     return create_transform(
@@ -91,6 +93,5 @@ def train_transform(
         hflip=0.5 if hflip else 0.0,
         color_jitter=0.0,
         interpolation=EVAL_INTERPOLATION,
-        mean=tuple(mean),
-        std=tuple(std),
+        normalize=False,
     )
