@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_one_line_error, free_port, read_metrics, run_main, write_recipe
+from helpers import (
+    ROOT,
+    assert_one_line_error,
+    assert_same_weights,
+    checkpoints,
+    free_port,
+    read_metrics,
+    run_main,
+    start_cli,
+    wait_for,
+    write_recipe,
+)
 
 import cifar_models  # noqa: F401  (registers resnet20)
 from cifar_train.cli import evaluate_main, main
@@ -181,12 +193,27 @@ def test_two_processes_train_on_local_parquet_and_the_run_evaluates_as_it_valida
 
 
 @pytest.mark.slow
-def test_a_run_resumed_at_an_epoch_boundary_ends_with_the_same_weights(tmp_path):
-    from helpers import assert_same_weights
+def test_runs_resumed_in_the_middle_of_an_epoch_or_at_its_end_end_with_the_same_weights(tmp_path):
+    """Stopped by SIGTERM in the middle of epoch 2 (each reader rereads its rows of the batches already trained),
+    or ended after epoch 1 and lengthened: both resumed runs end bit for bit where the uninterrupted one did."""
+    root = _write_shards(tmp_path / "ds", (32, 32, 32, 32))
+    recipe = _recipe(tmp_path / "r.toml", root, epochs=2)
+    whole = run_main(main, str(recipe), "--output-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
 
-    root = _write_shards(tmp_path / "ds", (16, 16, 16, 16))
-    whole = run_main(main, str(_recipe(tmp_path / "a.toml", root, epochs=2)), "--output-dir", str(tmp_path / "a"))
-    first = run_main(main, str(_recipe(tmp_path / "b.toml", root, epochs=1)), "--output-dir", str(tmp_path / "b"))
-    resumed = run_main(main, "--resume", str(tmp_path / "b"), "--set", "train.epochs=2")
-    assert [whole.returncode, first.returncode, resumed.returncode] == [0, 0, 0], resumed.stderr
-    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    stopped = tmp_path / "stopped"  # a metrics read every step: the stop comes at the next step, mid-epoch
+    proc = start_cli(str(recipe), "--output-dir", str(stopped), "--set", "log.every_steps=1")
+    wait_for(lambda: checkpoints(stopped, "step_*_e0001_*"), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert not checkpoints(stopped)[-1].name.endswith("_b000000")  # inside epoch 2
+    resumed = run_main(main, "--resume", str(stopped), "--set", "log.every_steps=1", str(recipe))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(tmp_path / "whole", stopped)
+
+    short = _recipe(tmp_path / "short.toml", root, epochs=1)
+    assert run_main(main, str(short), "--output-dir", str(tmp_path / "longer")).returncode == 0
+    longer = run_main(main, "--resume", str(tmp_path / "longer"), "--set", "train.epochs=2")
+    assert longer.returncode == 0, longer.stderr
+    assert_same_weights(tmp_path / "whole", tmp_path / "longer")
