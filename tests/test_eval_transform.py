@@ -28,7 +28,8 @@ from cifar_train.cli import evaluate_main, main
 from cifar_train.data.decoded import DatasetSource
 from cifar_train.data.streaming import StreamingSplit, streaming_info
 from cifar_train.data.transforms import data_config, eval_crop_pct, eval_transform
-from cifar_train.evaluation import evaluate_with_predictions
+from cifar_train.errors import UserError
+from cifar_train.evaluation import evaluate, evaluate_with_predictions
 
 MODEL = "test_efficientnet"  # timm's 100k-parameter test net; its own defaults are crop_pct 0.95, bicubic, 160 px
 VAL_IMAGES = 24
@@ -68,6 +69,11 @@ def test_streaming_statistics_are_those_of_the_centre_crops(tmp_path):
     assert info.mean == pytest.approx(crops.mean(dim=(0, 2, 3)).tolist(), abs=1e-6)
     assert info.std == pytest.approx(crops.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-6)
     assert max(info.mean) < 0.26 and info.eval_resize == 16
+
+
+def test_a_negative_worker_count_is_refused_in_the_callers_words(tmp_path):
+    with pytest.raises(UserError, match=r"^num_workers -1 must be at least 0$"):
+        evaluate(str(tmp_path), num_workers=-1)
 
 
 # --------------------------------------------------------------------------------------------------
