@@ -130,6 +130,17 @@ def test_uneven_shards_give_every_process_the_same_steps(tmp_path):
     assert set(small) == set(range(24, 32)) and set(small.values()) == {2}
 
 
+def test_a_reader_without_a_whole_batch_is_one_line(tmp_path):
+    """Shards of 30 and 2 rows over two processes: the second process's reader holds 2 rows, less than a batch of 4;
+    the worker's error reaches the training process as one line, not a worker's traceback."""
+    stream = SourceStream.open(DatasetSource(str(_write_shards(tmp_path / "ds", (30, 2)))), "train",
+                               image_column=None, label_column=None)  # fmt: skip
+    with pytest.raises(UserError) as caught:
+        list(_batches(stream, rank=1, replicas=2, workers=1).epoch(0))
+    message = str(caught.value)
+    assert "reader 0 of process 1 got fewer than 4 rows of split 'train'" in message and "\n" not in message
+
+
 def test_the_settings_that_contradict_are_refused():
     keys = section_kwargs(DataConfig(dataset="d", val_split="validation"))
     with pytest.raises(UserError, match=r'data\.streaming_source = true and data\.pipeline = "memory" contradict'):

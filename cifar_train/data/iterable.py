@@ -209,7 +209,11 @@ class _Readers(torch.utils.data.IterableDataset):
         first = max(0, -(-(start - reader) // self.readers))  # this reader's first batch at or after `start`
         batches = self._batches_of(reader, epoch)
         for index in range(self.batches):
-            rows = next(batches)
+            try:
+                rows = next(batches)
+            except UserError as err:  # to the main process as a value: a worker's exception comes with its traceback
+                yield None, str(err)
+                return
             if index < first:
                 continue  # trained before the checkpoint: read again, not decoded
             yield self._transformed(rows, (self.seed, epoch, self.rank, reader, index))
@@ -302,5 +306,7 @@ class IterableTrainBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._readers.position.copy_(torch.tensor([epoch, start]))
         for images, labels in self.loader:
+            if images is None:
+                raise UserError(labels)
             images = self._normalize(images.to(self.device, non_blocking=True))  # uint8 from the readers
             yield self.augment.normalized(images, labels.to(self.device, non_blocking=True))
