@@ -8,15 +8,15 @@ pipeline, as `evaluate.py` reads it, so validation, evaluation and the export sh
 
 An epoch (`IterableTrainBatches`):
 
-- the split's shards are shuffled anew each epoch (seeded by `train.seed` and the epoch) and their rows mix in
-  a shuffle buffer of `data.shuffle_buffer` rows per reader, filled from one shard at a time
-  (`max_buffer_input_shards=1`: when datasets interleaves several parquet shards, its reader waits 5 s for its
-  threads at the end of every pass);
 - each process has S = min(data.num_workers, shards) readers (DataLoader workers; one in the main process when
   `num_workers = 0`); reader r takes every S-th shard (`IterableDataset.shard`), and of those, this process's
   part (`datasets.distributed.split_dataset_by_node`: whole shards when they divide evenly over the processes,
   otherwise every W-th row);
-- every reader yields exactly P = rows // (processes x S x batch) whole batches, so every process runs the
+- a reader's shards are shuffled anew each epoch (seeded by `train.seed`, the reader and the epoch) and their rows
+  mix in a shuffle buffer of `data.shuffle_buffer` rows, filled from one shard at a time
+  (`max_buffer_input_shards=1`: when datasets interleaves several parquet shards, its reader waits 5 s for its
+  threads at the end of every pass);
+- every reader yields exactly P = rows // (processes x S x per-process batch) whole batches, so every process runs the
   same S x P steps; a reader whose part holds fewer rows reads it again from its start (those images repeat),
   one with more leaves the rest out of this epoch (the shard order changes with the next epoch). The loader
   hands the batches out in order, batch j from reader j mod S.
