@@ -64,18 +64,23 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 class Normalize:
     """`normalize` for one data source: the per-channel constants go to `device` once, at construction, so a
-    batch costs no host-to-device copy (on a GPU each copy from a Python list waits for the host)."""
+    batch costs no host-to-device copy (on a GPU each copy from a Python list waits for the host).
+
+    It computes `(x / 255 - mean) / std` in float32 in that order, as torchvision's `ToTensor` + `Normalize` do in
+    timm's evaluation transform, so decoded evaluation batches equal timm's bit for bit (`data/transforms.py`).
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str) -> None:
         if len(mean) != len(std) or not mean:
             raise ValueError(f"mean and std need one value per channel each, got mean={mean!r} std={std!r}")
         self.channels = len(mean)
-        self.scale, self.shift = _channel_tensors(mean, std, torch.device(device))
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] != self.channels:
             raise ValueError(f"need one mean and std per channel ({images.shape[1]}), got {self.channels}")
-        return images.float().mul_(self.scale).sub_(self.shift)
+        return images.float().div_(255.0).sub_(self.mean).div_(self.std)
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:

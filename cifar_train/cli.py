@@ -121,6 +121,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-column", help="label column (default: the run's, else detected)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
+        "--num-workers",
+        type=int,
+        help="DataLoader workers where the split streams (default: the run's data.num_workers, else up to 8)",
+    )
+    parser.add_argument(
         "--tta",
         choices=TTA_MODES,
         help="test-time augmentation: flip averages image and mirror; flip_translate also one-pixel moves of both",

@@ -12,6 +12,7 @@ Accuracies, per-class accuracies and the expected calibration error (ECE) are in
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -172,6 +173,7 @@ def _load_data(
     model: nn.Module,
     image_column: str | None,
     label_column: str | None,
+    num_workers: int | None,
     say: Callable[[str], None],
 ) -> EvalData:
     from cifar_train import data as data_lib
@@ -204,11 +206,11 @@ def _load_data(
     )
     split = split or (cfg.val_split if cfg else "test")
     source = data_lib.DatasetSource(dataset, options["cache_dir"])
-    pipeline = data_lib.choose_pipeline(
-        source, train_split=split, skip_corrupt=options["skip_corrupt"], setting=setting, **columns
-    )
-    if pipeline == "streaming":
-        return _streaming_data(source, split=split, setting=setting, model=model, columns=columns)
+    where = dict(split=split, setting=setting, model=model, columns=columns)
+    if _streams(source, cfg=cfg, skip_corrupt=options["skip_corrupt"], **where):
+        if num_workers is None:
+            num_workers = cfg.num_workers if cfg else min(8, os.cpu_count() or 1)
+        return _streaming_data(source, workers=num_workers, say=say, **where)
     val, info = data_lib.load_split(source, split=split, setting=setting, say=say, **options)
     return _memory_data(val, info, split, model)
 
@@ -231,25 +233,61 @@ def _memory_data(val: Any, info: Any, split_label: str, model: nn.Module) -> Eva
     return EvalData(info.name, split_label, list(info.class_names), len(val), batches, normalised=True)
 
 
-def _streaming_data(source: Any, *, split: str, setting: str, model: nn.Module, columns: dict[str, Any]) -> EvalData:
+def _streams(
+    source: Any, *, split: str, setting: str, cfg: Any, model: nn.Module, skip_corrupt: bool, columns: dict[str, Any]
+) -> bool:
+    """Whether evaluation streams the split. A run evaluated on its own dataset reads it as it trained (its
+    pipeline, chosen on its training split as training chose); otherwise the split decides, and a model whose
+    transform resizes (crop_pct below 1) always streams: decoded evaluation applies no resize."""
+    from timm.data import resolve_data_config
+
     from cifar_train import data as data_lib
 
-    cfg = model.pretrained_cfg
-    image_size = int(cfg["input_size"][-1])
-    rows = data_lib.StreamingSplit.open(source, split, setting=setting, **columns)
-    _check_compatible(model, channels=rows.channels, image_size=(image_size, image_size))
+    if cfg is not None:
+        if cfg.streaming_source:
+            return True
+        run_columns = dict(image_column=cfg.image_column or None, label_column=cfg.label_column or None)
+        chosen = data_lib.choose_pipeline(
+            source, pipeline=cfg.pipeline, train_split=cfg.train_split, skip_corrupt=cfg.skip_corrupt, **run_columns
+        )
+        return chosen == "streaming"
+    if resolve_data_config({}, model=model)["crop_pct"] != 1.0:
+        return True
+    chosen = data_lib.choose_pipeline(source, train_split=split, skip_corrupt=skip_corrupt, setting=setting, **columns)
+    return chosen == "streaming"
+
+
+def _streaming_data(
+    source: Any,
+    *,
+    split: str,
+    setting: str,
+    model: nn.Module,
+    columns: dict[str, Any],
+    workers: int,
+    say: Callable[[str], None],
+) -> EvalData:
+    """The split decoded and transformed in `workers` DataLoader workers, batch by batch, with timm's own
+    transform of the model's config (`create_transform(**resolve_data_config({}, model=model))`): the run's."""
+    from timm.data import resolve_data_config
+
+    from cifar_train import data as data_lib
+    from cifar_train.progress import batch_progress
+
+    config = resolve_data_config({}, model=model)
+    one_split = data_lib.open_one_split(source, split, setting)  # no other split is downloaded or converted
+    rows = data_lib.StreamingSplit.open(one_split, split, setting=setting, **columns)
+    _check_compatible(model, channels=rows.channels, image_size=tuple(config["input_size"][1:]))
+    resize = math.floor(config["input_size"][-1] / config["crop_pct"])
 
     def batches(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = data_lib.StreamingEvalBatches(
-            rows,
-            mean=cfg["mean"],
-            std=cfg["std"],
-            image_size=image_size,
-            eval_resize=round(image_size / cfg.get("crop_pct", 0.875)),
-            batch_size=size,
-            num_workers=min(8, os.cpu_count() or 1),
+        loader = data_lib.StreamingEvalBatches(rows, data_config=config, batch_size=size, num_workers=workers)
+        say(
+            f"evaluating {len(rows.rows):,} images of {rows.name} [{split}] as they stream: {workers} DataLoader "
+            f"workers, {len(loader):,} batches of {size}, {config['interpolation']} resize to {resize} + centre crop "
+            f"{config['input_size'][-1]} (crop_pct {config['crop_pct']:.4g}, the model's config)"
         )
-        yield from _real_rows(loader)
+        yield from _real_rows(batch_progress(loader, total=len(loader), description=f"{rows.name} [{split}]"))
 
     return EvalData(rows.name, split, rows.class_names, len(rows.rows), batches, normalised=True)
 
@@ -310,19 +348,22 @@ def evaluate_with_predictions(
     image_column: str | None = None,
     label_column: str | None = None,
     say: Callable[[str], None] = note,
+    num_workers: int | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, Path | None]:
     """`evaluate()`, also returning the log-probabilities, the labels (in the model's classes) and the run directory."""
     with speaking(command="evaluate"):
-        return _evaluate(source, dataset, split, batch_size, tta, device, image_column, label_column, say)
+        return _evaluate(source, dataset, split, batch_size, tta, device, image_column, label_column, say, num_workers)
 
 
-def _evaluate(source, dataset, split, batch_size, tta, device, image_column, label_column, say):
+def _evaluate(source, dataset, split, batch_size, tta, device, image_column, label_column, say, num_workers=None):
     from cifar_train.recipe import load_recipe
 
     if tta is not None and tta not in TTA_MODES:
         raise UserError(f"{option('tta', tta)} is not supported; choose one of {', '.join(TTA_MODES)}")
     if batch_size < 1:
         raise UserError(f"{option('batch_size')} {batch_size} must be at least 1")
+    if num_workers is not None and num_workers < 0:
+        raise UserError(f"{option('num_workers')} {num_workers} must be at least 0")
     _, run_dir = resolve_source(source)
     recipe = None
     if run_dir is not None and (run_dir / RECIPE_FILE).is_file():
@@ -341,7 +382,7 @@ def _evaluate(source, dataset, split, batch_size, tta, device, image_column, lab
         recipe = None  # another dataset: the run's split and column settings do not apply
     model = load_model(source)
     columns = dict(image_column=image_column, label_column=label_column)
-    data = _load_data(dataset, split=split, recipe=recipe, model=model, say=say, **columns)
+    data = _load_data(dataset, split=split, recipe=recipe, model=model, say=say, num_workers=num_workers, **columns)
     classes = model_classes(model)
     mapping = class_map(
         data.class_names, classes, what=f"the classes of {data.dataset!r} [{data.split}]", target_what="the model's"
@@ -392,16 +433,18 @@ def evaluate(
     device: str | torch.device | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate `source` (run directory, `local-dir:PATH`, `hf-hub:ID`) and return the metrics.
 
     Keys: `top1`, `top5`, `loss`, `ece`, `num_samples`, `per_class_accuracy` (name -> %), `confusion_matrix`
     (rows true class, columns prediction), `class_names`, `dataset`, `split`, `tta`, `mean`, `std`, ...
     `dataset` and `split` default to the run's recipe (its validation split, or its held-out fraction).
+    `num_workers`: DataLoader workers where the split streams (default: the run's `data.num_workers`, else up to 8).
     """
     source = os.fspath(source)
     result, _, _, _ = evaluate_with_predictions(
         source, dataset=dataset, split=split, batch_size=batch_size, tta=tta, device=device,
-        image_column=image_column, label_column=label_column,
+        image_column=image_column, label_column=label_column, num_workers=num_workers,
     )  # fmt: skip
     return result

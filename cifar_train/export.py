@@ -44,13 +44,18 @@ def export_model(
     mean: Sequence[float],  # per channel, in [0, 1]: the normalisation the run used
     std: Sequence[float],
     class_names: Sequence[str],
+    crop_pct: float = 1.0,  # the evaluation transform's centre crop share; 1.0: no resize of decoded images
+    crop_mode: str = "center",
+    interpolation: str = "bilinear",
 ) -> None:
     """Write `model.safetensors` + `config.json` (timm's hub config) into `run_dir`.
 
     The weights are written with safetensors directly (contiguous CPU copies, so channels_last and GPU
     models export too); the config is timm's own `save_config_for_hf`, carrying `architecture`,
     `model_args` (the run's kwargs plus `num_classes` / `in_chans`), `label_names` and a `pretrained_cfg`
-    whose mean / std / input size are the run's, which evaluation reads back.
+    whose input size, mean, std, crop_pct, crop_mode and interpolation are the run's evaluation transform
+    (`DatasetInfo.data_config`), never the architecture's defaults: evaluation and
+    `timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))` read it back.
     """
     model = unwrap_model(model)
     run_dir = Path(run_dir)
@@ -80,7 +85,14 @@ def export_model(
         "label_names": list(class_names),
         "pretrained_cfg": {"architecture": model_name},
     }
-    data_config = {"input_size": tuple(input_size), "mean": tuple(mean), "std": tuple(std)}
+    data_config = {
+        "input_size": tuple(input_size),
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
+        "interpolation": interpolation,
+    }
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
 
     run_dir.mkdir(parents=True, exist_ok=True)

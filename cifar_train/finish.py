@@ -38,10 +38,8 @@ def finish_run(
         model_kwargs=model_kwargs,
         num_classes=info.num_classes,
         in_chans=info.channels,
-        input_size=(info.channels, *info.image_size),
-        mean=info.mean,
-        std=info.std,
         class_names=info.class_names,
+        **info.data_config,  # the run's evaluation transform: input_size, mean, std, crop_pct, crop_mode, interpolation
     )
     write_model_card(run.path, card_facts(run.path))
     if push_to:

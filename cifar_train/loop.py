@@ -105,7 +105,9 @@ def train(
             accelerator.wait_for_everyone()
             model, optimizer = accelerator.prepare(model, optimizer)
             step = _train_step(accelerator, model, optimizer, recipe, steps_per_epoch, lookahead)
-            state, history = _start_state(accelerator, run, step, scheduler, resume, say, seed=t.seed)
+            state, history = _start_state(
+                accelerator, run, step, scheduler, resume, say, seed=t.seed, order_kept=not recipe.data.streaming_source
+            )
             accelerator.init_trackers(run.path.name, config=flatten_recipe(recipe))
             save = _checkpointer(accelerator, run, step, scheduler, data.info.class_names, keep=t.keep_checkpoints)
             signals.training()  # from here on a signal is a stop request: checkpoint at the next read, then stop
@@ -318,13 +320,14 @@ def _checkpointer(accelerator, run, step, scheduler, classes, *, keep: int) -> C
 
 
 def _start_state(
-    accelerator, run, step, scheduler, resume: bool, say, *, seed: int
+    accelerator, run, step, scheduler, resume: bool, say, *, seed: int, order_kept: bool = True
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """A fresh state, or the newest loadable checkpoint's (metrics after it are forgotten).
 
     A checkpoint written by another number of processes continues with the same data order (a global batch
     holds the same images however many processes share it) but with new random streams for augmentation and
     dropout: there is no saved stream for a process that did not exist, so no process keeps its old one.
+    `order_kept` is False where the data order itself depends on the number of processes (`data.streaming_source`).
     """
     if not resume:
         return TrainState(), []
@@ -336,9 +339,15 @@ def _start_state(
     history = run.truncate_metrics(state.epoch) if accelerator.is_main_process else []
     say(f"resuming {run.path} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.global_step}")
     if state.num_processes != accelerator.num_processes:
+        order = (
+            "the data order continues exactly, but"
+            if order_kept
+            else "the data order from here on is that of this number of processes (data.streaming_source reads each "
+            "epoch in the layout of its processes), and"
+        )
         say(
             f"warning: the checkpoint was written by {state.num_processes} process(es), this run has "
-            f"{accelerator.num_processes}: the data order continues exactly, but the augmentation and dropout random "
+            f"{accelerator.num_processes}: {order} the augmentation and dropout random "
             "streams start afresh, so the result is no longer bit-exact with an uninterrupted run"
         )
         set_seed((seed * 1_000_003 + state.global_step * 1_009 + accelerator.process_index) % 2**32)

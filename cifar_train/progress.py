@@ -7,15 +7,17 @@ reads of the running metrics (every `log.every_steps` steps), never with a host 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["EpochProgress", "print_summary"]
+__all__ = ["EpochProgress", "batch_progress", "print_summary"]
+
+T = TypeVar("T")
 
 
 class EpochProgress:
@@ -101,3 +103,18 @@ def print_summary(
     table.add_row("training time", f"{final.get('elapsed_seconds', 0.0):.1f}s")
     table.add_row("weights", str(run_dir / "model.safetensors"))
     console.print(table)
+
+
+def batch_progress(items: Iterable[T], *, total: int, description: str, enabled: bool = True) -> Iterator[T]:
+    """`items`, with a transient bar of `total` batches on stderr while they are consumed (on a terminal only:
+    stdout may carry a JSON answer, and logs get no bar)."""
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield from items
+        return
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)

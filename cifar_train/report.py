@@ -166,6 +166,7 @@ def run_evaluation(args: Any) -> int:
         image_column=args.image_column,
         label_column=args.label_column,
         say=(lambda line: None) if args.json else note,
+        num_workers=args.num_workers,
     )
     written = []
     if out_dir is not None:

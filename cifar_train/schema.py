@@ -108,6 +108,10 @@ class DataConfig:
     image_size: int = _opt(224, "streaming: RandomResizedCrop and centre-crop side, pixels", ge=8)
     eval_resize: int = _opt(256, "streaming: shorter side before the evaluation centre crop, pixels", ge=8)
     min_scale: float = _opt(0.08, "streaming: RandomResizedCrop's smallest area share", gt=0, le=1)
+    streaming_source: bool = _opt(
+        False, "streaming: read train with datasets' streaming mode (nothing downloaded first: data larger than disk)"
+    )
+    shuffle_buffer: int = _opt(2000, "streaming_source: rows in each reader's shuffle buffer (1 = shard order)", ge=1)
     cache_dir: str | None = _opt(None, 'decoded-tensor cache; "" = $CIFAR_RECIPES_CACHE or ~/.cache/cifar_recipes')
     skip_corrupt: bool = _opt(False, "skip (and count) undecodable images instead of stopping")
 

@@ -76,6 +76,7 @@ _EVALUATE_OPTIONS = {
     "split": ("--split", "split"),
     "dataset": ("--dataset", "dataset"),
     "batch_size": ("--batch-size", "batch_size"),
+    "num_workers": ("--num-workers", "num_workers"),
     "image_column": ("--image-column", "image_column"),
     "label_column": ("--label-column", "label_column"),
     "out_dir": ("--out-dir", "out_dir"),

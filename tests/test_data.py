@@ -61,6 +61,8 @@ DATA_KEYS = dict(
     image_size=224,
     eval_resize=256,
     min_scale=0.08,
+    streaming_source=False,
+    shuffle_buffer=2000,
     cache_dir=None,
     skip_corrupt=False,
 )
@@ -386,7 +388,8 @@ def test_check_data_refuses_contradictions_by_key(changes: dict, pattern: str) -
 
 def test_check_data_names_the_settings_without_effect_and_stays_light() -> None:
     memory = check_data(dataset="cifar10", **DATA_KEYS)
-    assert set(memory.ignored) == {"data.image_size", "data.eval_resize", "data.min_scale", "data.num_workers"}
+    assert set(memory.ignored) == {"data.image_size", "data.eval_resize", "data.min_scale", "data.num_workers",
+                                   "data.streaming_source", "data.shuffle_buffer"}  # fmt: skip
     streaming = check_data(dataset="imagenet", **{**DATA_KEYS, "val_split": "validation", "num_workers": 999})
     assert "data.cache_dir" in streaming.ignored and "data.image_size" not in streaming.ignored
     assert any("data.num_workers = 999" in warning for warning in streaming.warnings)

@@ -12,7 +12,9 @@
     info.py       `DatasetInfo`, mean/std from pixel sums, the summary line
     sampler.py    `ShardedBatchSampler`: the epoch's seeded permutation, per-rank shards
     batches.py    the in-memory batch sources (`TrainBatches`, `EvalBatches` on the device)
+    transforms.py timm's transforms, and the run's one evaluation transform as timm's data config
     streaming.py  `choose_pipeline`, and the streaming batch sources (timm transforms via `with_transform`)
+    iterable.py   data larger than the disk: training through `datasets`' streaming mode (`IterableDataset`)
     training.py   `check_data` and `open_training_data`: the `[data]` section's entry point for training
     describe.py   `describe_dataset`: what a dataset is, without writing or downloading anything
 
@@ -31,6 +33,7 @@ _EXPORTS = {
     "DatasetSource": "decoded",
     "DecodedSplit": "decoded",
     "EvalBatches": "batches",
+    "IterableTrainBatches": "iterable",
     "MemoryEvalBatches": "batches",
     "MemoryTrainBatches": "batches",
     "ShardedBatchSampler": "sampler",
@@ -46,6 +49,7 @@ _EXPORTS = {
     "describe_dataset": "describe",
     "load_dataset_splits": "decoded",
     "load_split": "decoded",
+    "open_one_split": "source",
     "open_training_data": "training",
     "resolve_dataset": "source",
     "stratified_subset": "decoded",
@@ -58,6 +62,7 @@ __all__ = [
     "DatasetSource",
     "DecodedSplit",
     "EvalBatches",
+    "IterableTrainBatches",
     "MemoryEvalBatches",
     "MemoryTrainBatches",
     "ShardedBatchSampler",
@@ -72,6 +77,7 @@ __all__ = [
     "describe_dataset",
     "load_dataset_splits",
     "load_split",
+    "open_one_split",
     "open_training_data",
     "resolve_dataset",
     "stratified_subset",
@@ -83,8 +89,9 @@ if TYPE_CHECKING:
     from .decoded import DatasetSource, DecodedSplit, load_dataset_splits, load_split, stratified_subset
     from .describe import describe_dataset
     from .info import DatasetInfo
+    from .iterable import IterableTrainBatches
     from .sampler import ShardedBatchSampler
-    from .source import DATASET_ALIASES, default_cache_dir, resolve_dataset
+    from .source import DATASET_ALIASES, default_cache_dir, open_one_split, resolve_dataset
     from .streaming import StreamingEvalBatches, StreamingSplit, StreamingTrainBatches, choose_pipeline, streaming_info
     from .training import TrainingData, check_data, open_training_data
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +23,20 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per channel, in [0, 1], from the training images
     std: tuple[float, ...]
     skipped_images: dict[str, list[int]] = field(default_factory=dict)  # split -> corrupt indices left out
+    eval_resize: int | None = None  # streaming: shorter side before the evaluation centre crop; None: no resize
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config of the run's one evaluation transform (`cifar_train.data.transforms`)."""
+        from cifar_train.data.transforms import data_config
+
+        return data_config(
+            channels=self.channels,
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            eval_resize=self.eval_resize,
+        )
 
 
 def mean_std(sums: torch.Tensor, squares: torch.Tensor, pixels_per_image: int) -> tuple[tuple[float, ...], ...]:

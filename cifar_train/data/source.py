@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from cifar_train.wording import setting
 
 __all__ = [
     "DATASET_ALIASES",
+    "OneSplit",
+    "dataset_builder",
     "dataset_identity",
     "default_cache_dir",
     "detect_columns",
@@ -31,8 +34,10 @@ __all__ = [
     "first_line",
     "known_pipeline",
     "open_dataset",
+    "open_one_split",
     "pick_columns",
     "pick_split",
+    "quiet_datasets",
     "resolve_dataset",
     "split_classes",
     "split_identity",
@@ -126,7 +131,7 @@ def idx_hint(path: str, idx_files: Sequence[str]) -> UserError:
 
 def open_dataset(name: str, is_local: bool, scan: FolderScan | None = None) -> Any:
     """A resolved dataset as a `datasets.DatasetDict`, nothing decoded. `scan`: the local folder's, if made."""
-    with _quiet_datasets():
+    with quiet_datasets():
         if not is_local:
             return _open_hub(name)
         path = Path(name)
@@ -143,7 +148,7 @@ def open_dataset(name: str, is_local: bool, scan: FolderScan | None = None) -> A
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """No `datasets` progress bars while we open a dataset: our own output says what happens."""
     import datasets
 
@@ -215,6 +220,44 @@ def _hub_error(hub_id: str, reason: str) -> UserError:
         f"data.dataset: cannot load {hub_id!r} from the Hugging Face Hub: {reason}; {fix}, "
         f"or point data.dataset at a local copy ({_LOCAL_LAYOUTS})"
     )
+
+
+@dataclass
+class OneSplit:
+    """A dataset with one split opened: what `StreamingSplit.open` needs of a `DatasetSource`."""
+
+    shown: str
+    splits: dict[str, Any]
+
+
+def dataset_builder(source: Any) -> Any:
+    """`datasets`' builder of a `DatasetSource`: its files per split and, for the Hub, its card's split sizes."""
+    import datasets
+
+    try:
+        with quiet_datasets():
+            return datasets.load_dataset_builder(source.name)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        raise UserError(f"data.dataset: cannot read the layout of {source.shown!r}: {first_line(err)}") from err
+
+
+def open_one_split(source: Any, split: str, setting: str) -> Any:
+    """`source` (a `DatasetSource`) with only `split` opened: only that split's files are read or downloaded,
+    where opening the whole dataset converts (local parquet) or downloads (the Hub) every split first."""
+    import datasets
+
+    layout = source.scan.layout if source.scan is not None else None
+    if layout in ("imagefolder", "save_to_disk"):  # a file listing, a memory map: opening them all costs nothing
+        return source
+    files = dataset_builder(source).config.data_files or {}
+    rows = pick_split(files, split, setting)  # the error names the splits there are
+    local = dict(download_mode="force_redownload") if source.is_local else {}  # as `_open_local`, for the same reason
+    try:
+        with quiet_datasets():
+            loaded = datasets.load_dataset(source.name, data_files={split: list(rows)}, split=split, **local)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        raise UserError(f"{setting}: cannot open split {split!r} of {source.shown!r}: {first_line(err)}") from err
+    return OneSplit(source.shown, {split: loaded})
 
 
 def pick_split(splits: Any, split: str, setting: str) -> Any:

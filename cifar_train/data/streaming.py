@@ -5,15 +5,18 @@ and anything already in the decode cache go to memory, ImageNet streams, and any
 (a few images' sizes and the row count: memory when one size fits in `max_memory_bytes`).
 
 Streaming decodes and transforms each sample in the loader's workers through `Dataset.with_transform`
-(RandomResizedCrop + flip for training, resize + centre crop for evaluation, both normalised), so the
-training loop gets float batches and applies only the batch-level steps (`BatchAugment.normalized`).
-Per-sample randomness draws from the workers' seeded RNGs: do not expect bit-exact resume here.
+(RandomResizedCrop + flip for training, the run's resize + centre crop for evaluation: `transforms.py`) into
+uint8 tensors; the batches go to the device (pinned memory on CUDA, persistent workers, each prefetching two
+batches) and are normalised there, as timm's own prefetching loader does, before the batch-level steps
+(`BatchAugment.normalized`). Per-sample randomness draws from the workers' seeded RNGs: do not expect
+bit-exact resume here (`data.streaming_source`, `iterable.py`, seeds each image by its place and does resume
+exactly).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,7 @@ from cifar_train.data.source import (
     split_classes,
     split_records,
 )
+from cifar_train.data.transforms import data_config, eval_transform, train_transform
 from cifar_train.errors import UserError
 
 __all__ = [
@@ -164,36 +168,10 @@ class _Transform:
         return {"image": [self.transform(image) for image in images], "label": batch[_LABELS]}
 
 
-def _timm_transform(
-    channels: int,
-    image_size: int,  # pixels
-    eval_resize: int,  # pixels
-    *,
-    training: bool,
-    mean: Sequence[float] | None = None,  # None: no normalisation (values in [0, 1])
-    std: Sequence[float] | None = None,
-    min_scale: float = 0.08,
-    hflip: bool = True,
-) -> Any:
-    from timm.data import create_transform
-
-    return create_transform(
-        input_size=(channels, image_size, image_size),
-        is_training=training,
-        scale=(min_scale, 1.0),
-        hflip=0.5 if hflip else 0.0,
-        color_jitter=0.0,
-        interpolation="bilinear",
-        crop_pct=image_size / eval_resize,
-        normalize=mean is not None,
-        **({"mean": tuple(mean), "std": tuple(std)} if mean is not None else {}),
-    )
-
-
 def streaming_info(
     train: StreamingSplit,
     *,
-    image_size: int = 224,  # pixels; statistics are taken on centre crops of this size
+    image_size: int = 224,  # pixels; statistics are taken on the evaluation transform's centre crops
     eval_resize: int = 256,  # pixels
     sample_size: int = 2048,  # training images sampled for mean and std
     seed: int = 0,
@@ -201,14 +179,8 @@ def streaming_info(
     """`DatasetInfo` for the streaming path; mean and std come from a seeded sample of training images."""
     count = min(sample_size, len(train.rows))
     picks = torch.randperm(len(train.rows), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    to_tensor = _timm_transform(train.channels, image_size, eval_resize, training=False)
-    sample = train.transformed(to_tensor, train.rows.select(picks.tolist()))
-    sums, squares = [], []
-    for start in range(0, count, 256):  # chunks bound the memory: 256 float crops at a time
-        pixels = torch.stack(sample[start : start + 256]["image"]).mul_(255).round_().to(torch.int64).flatten(2)
-        sums.append(pixels.sum(2))
-        squares.append(pixels.square().sum(2))
-    mean, std = mean_std(torch.cat(sums), torch.cat(squares), image_size * image_size)
+    sample = train.transformed(eval_crops(train.channels, image_size, eval_resize), train.rows.select(picks.tolist()))
+    mean, std = crop_statistics(sample[start : start + 256]["image"] for start in range(0, count, 256))
     return DatasetInfo(
         name=train.name,
         num_classes=train.num_classes,
@@ -217,7 +189,31 @@ def streaming_info(
         image_size=(image_size, image_size),
         mean=mean,
         std=std,
+        eval_resize=eval_resize,
     )
+
+
+def eval_crops(channels: int, image_size: int, eval_resize: int) -> Any:
+    """The evaluation transform's resize and centre crop, as uint8 tensors (no normalisation)."""
+    config = data_config(
+        channels=channels,
+        image_size=(image_size, image_size),
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        eval_resize=eval_resize,
+    )
+    return eval_transform(config, normalize=False)
+
+
+def crop_statistics(chunks: Iterable[Sequence[torch.Tensor]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] of uint8 crops (C, H, W), given a chunk at a time (bounded memory)."""
+    sums, squares, pixels = [], [], 0
+    for chunk in chunks:
+        values = torch.stack(list(chunk)).to(torch.int64).flatten(2)  # uint8 0-255, exact in int64
+        sums.append(values.sum(2))
+        squares.append(values.square().sum(2))
+        pixels = values.shape[2]
+    return mean_std(torch.cat(sums), torch.cat(squares), pixels)
 
 
 class _EpochView:
@@ -244,7 +240,7 @@ def _loader(dataset: Any, num_workers: int, **options: Any) -> DataLoader:
 
 
 class StreamingTrainBatches:
-    """Training batches: RandomResizedCrop + flip + normalise in the workers, then `augment.normalized`."""
+    """Training batches: RandomResizedCrop + flip in the workers, normalisation on the device, `augment.normalized`."""
 
     def __init__(
         self,
@@ -259,20 +255,13 @@ class StreamingTrainBatches:
         mean: Sequence[float],
         std: Sequence[float],
         image_size: int,  # pixels
-        eval_resize: int,  # pixels
         min_scale: float,
         num_workers: int,
     ) -> None:
-        transform = _timm_transform(
-            split.channels,
-            image_size,
-            eval_resize,
-            training=True,
-            mean=mean,
-            std=std,
-            min_scale=min_scale,
-            hflip=getattr(augment, "hflip", True),
-        )
+        from cifar_train.augment import Normalize
+
+        hflip = getattr(augment, "hflip", True)
+        transform = train_transform(channels=split.channels, image_size=image_size, min_scale=min_scale, hflip=hflip)
         if getattr(augment, "uses_sample_index", False):
             raise UserError("augment.alternating_flip needs the in-memory pipeline; streamed images flip at random")
         sampler = ShardedBatchSampler(
@@ -281,6 +270,7 @@ class StreamingTrainBatches:
         self._view = _EpochView(sampler)
         self.loader = _loader(split.transformed(transform), num_workers, batch_sampler=self._view)
         self.augment, self.device = augment, torch.device(device)
+        self._normalize = Normalize(mean, std, self.device)
 
     def __len__(self) -> int:
         return len(self._view.sampler)
@@ -288,21 +278,19 @@ class StreamingTrainBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._view.epoch, self._view.start = epoch, start
         for batch in self.loader:
-            images = batch["image"].to(self.device, non_blocking=True)
+            images = self._normalize(batch["image"].to(self.device, non_blocking=True))  # uint8 from the workers
             yield self.augment.normalized(images, batch["label"].to(self.device, non_blocking=True))
 
 
 class StreamingEvalBatches:
-    """Evaluation batches: resize + centre crop + normalise in the workers; fixed size, padded, masked."""
+    """Evaluation batches: the run's evaluation transform (resize and crop in the workers, normalisation on the
+    device: bit for bit timm's `create_transform` of the same config); fixed size, padded, masked."""
 
     def __init__(
         self,
         split: StreamingSplit,
         *,
-        mean: Sequence[float],
-        std: Sequence[float],
-        image_size: int,  # pixels
-        eval_resize: int,  # pixels
+        data_config: Mapping[str, Any],  # timm's data config of the evaluation transform (`transforms.py`)
         batch_size: int,  # per rank
         num_replicas: int = 1,
         rank: int = 0,
@@ -310,7 +298,9 @@ class StreamingEvalBatches:
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        transform = _timm_transform(split.channels, image_size, eval_resize, training=False, mean=mean, std=std)
+        from cifar_train.augment import Normalize
+
+        transform = eval_transform(data_config, normalize=False)
         self.num_samples = len(split.rows)
         start, stop, self.num_batches = eval_block(self.num_samples, batch_size, num_replicas, rank)
         block = split.transformed(transform, split.rows.select(range(start, stop)))
@@ -318,7 +308,8 @@ class StreamingEvalBatches:
         generator = torch.Generator().manual_seed(seed)
         self.loader = _loader(block, num_workers, batch_size=batch_size, shuffle=False, generator=generator)
         self.batch_size, self.device = batch_size, torch.device(device)
-        self.shape = (split.channels, image_size, image_size)
+        self.shape = tuple(data_config["input_size"])
+        self._normalize = Normalize(data_config["mean"], data_config["std"], self.device)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -327,7 +318,7 @@ class StreamingEvalBatches:
         size, done = self.batch_size, 0
         for batch in self.loader:
             count = len(batch["label"])
-            images = pad_batch(batch["image"], size).to(self.device, non_blocking=True)
+            images = self._normalize(pad_batch(batch["image"], size).to(self.device, non_blocking=True))
             labels = pad_batch(batch["label"], size).to(self.device, non_blocking=True)
             yield images, labels, (torch.arange(size) < count).to(self.device, non_blocking=True)
             done += 1

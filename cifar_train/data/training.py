@@ -30,6 +30,8 @@ _STREAMING_ONLY = {
     "data.eval_resize": "the evaluation resize of the streaming pipeline",
     "data.min_scale": "RandomResizedCrop's smallest area share, streaming pipeline only",
     "data.num_workers": "DataLoader workers of the streaming pipeline; decoded batches are sliced on the device",
+    "data.streaming_source": "datasets' streaming mode, for the streaming pipeline",
+    "data.shuffle_buffer": "the shuffle buffer of data.streaming_source",
 }
 _MEMORY_ONLY = {
     "data.cache_dir": "the decode cache of the memory pipeline; streamed images are decoded per sample",
@@ -52,6 +54,8 @@ def check_data(
     image_size: int,
     eval_resize: int,
     min_scale: float,
+    streaming_source: bool,
+    shuffle_buffer: int,
     cache_dir: str | None,
     skip_corrupt: bool,
 ) -> Findings:
@@ -67,18 +71,27 @@ def check_data(
         )
     if not val_split and val_fraction == 0:
         raise UserError('data.val_split = "" (hold out part of train) needs data.val_fraction > 0, e.g. 0.1')
-    if pipeline == "streaming" and not val_split:
-        raise UserError(f'data.pipeline = "streaming" {_STREAMING_NEEDS_SPLIT}')
-    if pipeline == "streaming" and train_limit:
+    if streaming_source and pipeline == "memory":
+        raise UserError(
+            'data.streaming_source = true and data.pipeline = "memory" contradict: datasets\' streaming mode feeds '
+            'the streaming pipeline; set data.pipeline = "streaming" (or "auto")'
+        )
+    streams = pipeline == "streaming" or streaming_source
+    what = "data.streaming_source = true" if streaming_source else 'data.pipeline = "streaming"'
+    if streams and not val_split:
+        raise UserError(f"{what} {_STREAMING_NEEDS_SPLIT}")
+    if streams and train_limit:
         raise UserError('data.train_limit works with the in-memory pipeline only (data.pipeline = "memory")')
     if eval_resize < image_size:
         raise UserError(f"data.eval_resize = {eval_resize} must be >= data.image_size = {image_size}")
-    effective = pipeline if pipeline != "auto" else known_pipeline(dataset)
+    effective = "streaming" if streaming_source else pipeline if pipeline != "auto" else known_pipeline(dataset)
     findings = Findings()
     if effective == "memory":
         findings.ignored.update(_STREAMING_ONLY)
     elif effective == "streaming":
         findings.ignored.update(_MEMORY_ONLY)
+        if not streaming_source:
+            findings.ignored["data.shuffle_buffer"] = _STREAMING_ONLY["data.shuffle_buffer"]
         cores = os.cpu_count() or 1
         if num_workers > cores:
             findings.warnings.append(f"data.num_workers = {num_workers} is more than the {cores} CPU cores here")
@@ -121,6 +134,8 @@ def open_training_data(
     image_size: int = 224,
     eval_resize: int = 256,
     min_scale: float = 0.08,
+    streaming_source: bool = False,
+    shuffle_buffer: int = 2000,
     cache_dir: str | os.PathLike | None = None,
     skip_corrupt: bool = False,
     seed: int = 0,
@@ -150,12 +165,19 @@ def open_training_data(
         image_size=image_size,
         eval_resize=eval_resize,
         min_scale=min_scale,
+        streaming_source=streaming_source,
+        shuffle_buffer=shuffle_buffer,
         cache_dir=None if cache_dir is None else str(cache_dir),
         skip_corrupt=skip_corrupt,
     )
     val_split, image_column, label_column = val_split or None, image_column or None, label_column or None
     source = DatasetSource(dataset, cache_dir)
     columns = dict(image_column=image_column, label_column=label_column)
+    if streaming_source:
+        options = dict(image_size=image_size, eval_resize=eval_resize, min_scale=min_scale, num_workers=num_workers)
+        return _source_stream_data(
+            source, train_split, val_split, columns, options, shuffle_buffer, seed=seed, say=say, classes=classes
+        )
     chosen = choose_pipeline(source, pipeline=pipeline, train_split=train_split, skip_corrupt=skip_corrupt, **columns)
     if chosen == "streaming":
         streaming = dict(image_size=image_size, eval_resize=eval_resize, min_scale=min_scale, num_workers=num_workers)
@@ -247,12 +269,99 @@ def _streaming_data(
                 how=how,
             )
         )
-    common = dict(mean=info.mean, std=info.std, image_size=options["image_size"], eval_resize=options["eval_resize"])
+    workers = options["num_workers"]
+    train_options = dict(mean=info.mean, std=info.std, image_size=options["image_size"], min_scale=options["min_scale"])
+    return TrainingData(
+        info,
+        "streaming",
+        functools.partial(StreamingTrainBatches, train, num_workers=workers, **train_options),
+        functools.partial(StreamingEvalBatches, val, data_config=info.data_config, num_workers=workers, seed=seed),
+    )
+
+
+def _source_stream_data(
+    source: Any,
+    train_split: str,
+    val_split: str,
+    columns: dict[str, str | None],
+    options: dict[str, Any],  # image_size, eval_resize, min_scale, num_workers
+    shuffle_buffer: int,
+    *,
+    seed: int,
+    say: Callable[[str], None],
+    classes: Sequence[str] | None,
+) -> TrainingData:
+    """`data.streaming_source`: train read in `datasets`' streaming mode, validation opened alone (`iterable.py`)."""
+    from cifar_train.data.info import DatasetInfo, summary_line
+    from cifar_train.data.iterable import IterableTrainBatches, SourceStream
+    from cifar_train.data.source import open_one_split
+    from cifar_train.data.streaming import StreamingEvalBatches, StreamingSplit, crop_statistics, eval_crops
+
+    train = SourceStream.open(source, train_split, **columns)
+    names = list(classes) if classes is not None else train.class_names
+    picked = dict(image_column=train.image_column, label_column=train.label_column)
+    val = StreamingSplit.open(
+        open_one_split(source, val_split, "data.val_split"),
+        val_split,
+        setting="data.val_split",
+        classes=names,
+        classes_of=f"those of split {train_split!r}",
+        **picked,
+    )
+    size, resize, sample = options["image_size"], options["eval_resize"], min(2048, train.num_rows)
+    crops = eval_crops(train.channels, size, resize)
+    images = (crops(image) for image in train.sample(sample, seed))
+    mean, std = crop_statistics(_chunks(images, 256))
+    info = DatasetInfo(
+        name=train.name,
+        num_classes=len(names),
+        class_names=names,
+        channels=train.channels,
+        image_size=(size, size),
+        mean=mean,
+        std=std,
+        eval_resize=resize,
+    )
+    how = f"streamed from the source (mean/std of the first {sample:,} shuffled training images, centre crops)"
+    for split, count in ((train.split, train.num_rows), (val.split, len(val.rows))):
+        say(
+            summary_line(
+                info.name,
+                split,
+                images=count,
+                num_classes=info.num_classes,
+                shape=(info.channels, size, size),
+                mean=mean,
+                std=std,
+                how=how,
+            )
+        )
+    workers = options["num_workers"]
     return TrainingData(
         info,
         "streaming",
         functools.partial(
-            StreamingTrainBatches, train, min_scale=options["min_scale"], num_workers=options["num_workers"], **common
+            IterableTrainBatches,
+            train,
+            mean=mean,
+            std=std,
+            image_size=size,
+            min_scale=options["min_scale"],
+            num_workers=workers,
+            shuffle_buffer=shuffle_buffer,
+            classes=classes,
         ),
-        functools.partial(StreamingEvalBatches, val, num_workers=options["num_workers"], seed=seed, **common),
+        functools.partial(StreamingEvalBatches, val, data_config=info.data_config, num_workers=workers, seed=seed),
     )
+
+
+def _chunks(items: Any, size: int) -> Any:
+    """Lists of up to `size` consecutive `items`."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
