@@ -365,7 +365,7 @@ def _parser() -> argparse.ArgumentParser:
     collect_parser.add_argument(
         "--with-weights",
         action="store_true",
-        help="also copy each run's weights, config and model card to <out>/weights/ (at most 2 MiB of weights)",
+        help="also copy each run's weights, config and model card to <out>/weights/ (at most 8 MiB of weights)",
     )
     collect_parser.set_defaults(run=_collect_command)
     table = commands.add_parser("table", help="render the results tables from the records")

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--with-weights",
         action="store_true",
-        help="records also copy each run's weights, config and card to <results>/weights/ (at most 2 MiB of weights)",
+        help="records also copy each run's weights, config and card to <results>/weights/ (at most 8 MiB of weights)",
     )
     what.add_argument("--dry-run", action="store_true", help="list every run (directory, state, command); run nothing")
     where = parser.add_argument_group("where it runs")
