@@ -37,6 +37,17 @@ def _private_cache(tmp_path_factory):
         os.environ["CIFAR_RECIPES_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny forwards (per-op overhead): no OpenMP spin-waits on shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn's real 8x8 digits in the Hub's parquet layout (1,437 train / 360 test)."""

@@ -25,12 +25,7 @@ from cifar_train.data_init import init_from_data
 ROOT_RECIPE = "recipes/speedrun/airbench94.toml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _smooth_images(count: int, seed: int = 0) -> torch.Tensor:

@@ -33,14 +33,7 @@ from cifar_models.cifar_shake_shake import (
 )
 from cifar_models.cifar_wrn import WideBasicBlock, WideResNet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forwards are per-op overhead: one thread avoids OpenMP spin-waits on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _n_params(model: nn.Module) -> int:

@@ -114,14 +114,7 @@ SAMPLE_MODELS = _smallest_per_family()
 ON_SAMPLE = pytest.mark.parametrize("built", SAMPLE_MODELS, indirect=True)  # the `built` fixture, on the sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small-batch forwards are per-op overhead, not arithmetic: one thread is faster and avoids OpenMP spin-waits
-    that multiply CPU time when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _create(name: str, **kwargs) -> nn.Module:
