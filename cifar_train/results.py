@@ -7,7 +7,8 @@
 
 The seed project's numbers and the papers' are data (`results/seed_tables.toml`); the *ours* column comes from
 the records in `results/*.json` (see `cifar_train.records`). A record counts for every row whose recipe path and
-overrides it ran (a `train.seed` override aside: seeds are replicates); records matching no row are listed in
+overrides it ran (a `train.seed` override aside: seeds are replicates; and `log.*`, which says how a run reports,
+not what it trains); records matching no row are listed in
 docs/results.md under "Other recorded runs", so none is dropped silently. Rendering needs no torch.
 """
 
@@ -36,8 +37,11 @@ RUNS_COLUMNS = ("what", "hardware", "epochs", "wall time", "last-epoch error", "
 
 
 def match_key(recipe: str | None, overrides: Iterable[str], num_processes: int | None = None) -> tuple:
-    """What a record and a row must share: recipe path, override set (seed aside) and, where asked, process count."""
-    return (recipe_path(recipe), canonical_overrides(overrides), num_processes)
+    """What a record and a row must share: recipe path, override set and, where asked, process count. The seed
+    aside (seeds are replicates), and the `[log]` section (it says how a run reports: the progress bar, how often,
+    to which trackers; not what it trains)."""
+    trained = tuple(item for item in canonical_overrides(overrides) if not item.startswith("log."))
+    return (recipe_path(recipe), trained, num_processes)
 
 
 # --------------------------------------------------------------------------------------------------------------

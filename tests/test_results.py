@@ -249,6 +249,14 @@ def test_overrides_match_whatever_their_order_spelling_or_seed() -> None:
     assert records.canonical_overrides(["optim.lr=0.2"]) != records.canonical_overrides(["optim.lr=0.4"])
 
 
+def test_a_row_matches_a_run_that_only_reported_differently() -> None:
+    """`log.*` says how a run reports (progress bar, read interval, trackers), not what it trains."""
+    row = results.match_key("recipes/quickstart.toml", ["train.epochs=3"])
+    assert results.match_key("recipes/quickstart.toml", ["train.epochs=3", "log.progress=false"]) == row
+    assert results.match_key("recipes/quickstart.toml", ["log.every_steps=7", "train.epochs=3"]) == row
+    assert results.match_key("recipes/quickstart.toml", ["train.epochs=4", "log.progress=false"]) != row
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Rendering
 
