@@ -99,7 +99,8 @@ class SlurmCluster:
     def _run(self, *command: str) -> subprocess.CompletedProcess:
         return subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, **self.env})
 
-    def _logs(self) -> str:
+    def logs(self) -> str:
+        """The last lines of each daemon's log (munged, slurmctld, both slurmd), for a failure's message."""
         parts = []
         for path in sorted(self.root.rglob("*.log")):
             tail = path.read_text(errors="replace").splitlines()[-15:]
@@ -149,7 +150,7 @@ class SlurmCluster:
             if time.time() > deadline:
                 raise RuntimeError(
                     f"{Path(command[0]).name} did not start (status {done.returncode}): {done.stderr.strip()}\n"
-                    + self._logs()
+                    + self.logs()
                 )
             time.sleep(0.1)
 
@@ -162,7 +163,7 @@ class SlurmCluster:
             if done.returncode == 0 and all(states.get(node) == "idle" for node in NODES):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"the two Slurm nodes did not come up idle within {timeout:.0f}s ({shown})\n{self._logs()}")
+        raise RuntimeError(f"the two Slurm nodes did not come up idle within {timeout:.0f}s ({shown})\n{self.logs()}")
 
     def stop(self) -> None:
         """End the daemons this object started (the Slurm ones together, then munged), then remove its folder."""
