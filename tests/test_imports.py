@@ -1,9 +1,9 @@
 """Every import inside the packages points down: no module imports one that imports it back, lazily or not.
 
 The graph is read from the source (every `import` statement, also those inside functions), so a lazy import
-that closes a circle is caught as surely as a top-level one. Two kinds of import are not edges: those under
-`if TYPE_CHECKING:` (never executed) and those in a module's `if __name__ == "__main__":` block (that block is
-the module run as a program, `python -m ...`, a separate module object above everything).
+that closes a circle is caught as surely as a top-level one, and so is one in an `if __name__ == "__main__":`
+block (a command that must import what lies above its module gets a `__main__.py` of its own, which nothing
+imports). Only imports under `if TYPE_CHECKING:` (never executed) are not edges.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _modules() -> dict[str, Path]:
 def _skipped_blocks(tree: ast.Module) -> list[ast.If]:
     def is_skipped(test: ast.expr) -> bool:
         text = ast.unparse(test)
-        return "TYPE_CHECKING" in text or text in ('__name__ == "__main__"', "__name__ == '__main__'")
+        return "TYPE_CHECKING" in text
 
     return [node for node in ast.walk(tree) if isinstance(node, ast.If) and is_skipped(node.test)]
 

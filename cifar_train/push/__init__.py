@@ -79,9 +79,3 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
         hint = " (log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
         raise UserError(f"push to {repo_id!r} failed: HTTP {status}{hint}") from None
     return str(url)
-
-
-if __name__ == "__main__":  # `python -m cifar_train.push`: the command line lives with the others, in cli.py
-    from cifar_train.cli import push_main
-
-    raise SystemExit(push_main())
