@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from .errors import UserError
 from .wording import option
@@ -30,11 +31,13 @@ from .wording import option
 __all__ = [
     "TrainState",
     "checkpoint_problem",
+    "checkpointer",
     "find_checkpoints",
     "load_checkpoint",
     "newest_state",
     "save_checkpoint",
     "seal",
+    "start_state",
 ]
 
 STATE_FILE = "train_state.json"
@@ -219,3 +222,55 @@ def _check_rng_file(checkpoint: Path, process_index: int) -> None:
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop's side: what goes into a checkpoint, and the state a run starts (or resumes) from
+
+
+def checkpointer(accelerator, run, step, scheduler, classes, *, keep: int) -> Callable[[TrainState], Path | None]:
+    """The loop's `save(state)`: the scheduler, running sums and lookahead go into the state, then to disk."""
+
+    def save(state: TrainState) -> Path | None:
+        state.scheduler = scheduler.state_dict()
+        state.running = step.metrics.state_dict(accelerator)  # every process's sums together
+        state.class_names, state.num_processes = list(classes), accelerator.num_processes
+        tensors = step.lookahead.state_dict() if step.lookahead is not None else None
+        return save_checkpoint(accelerator, run.path, state, keep=keep, tensors=tensors)
+
+    return save
+
+
+def start_state(
+    accelerator, run, step, scheduler, resume: bool, say, *, seed: int, order_kept: bool = True
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """A fresh state, or the newest loadable checkpoint's (metrics after it are forgotten).
+
+    A checkpoint written by another number of processes continues with the same data order (a global batch
+    holds the same images however many processes share it) but with new random streams for augmentation and
+    dropout: there is no saved stream for a process that did not exist, so no process keeps its old one.
+    `order_kept` is False where the data order itself depends on the number of processes (`data.streaming_source`).
+    """
+    if not resume:
+        return TrainState(), []
+    into = step.lookahead.load_state_dict if step.lookahead is not None else None
+    state = load_checkpoint(accelerator, run.path, log=say, tensors_into=into)
+    scheduler.load_state_dict(state.scheduler)
+    if state.running:
+        step.metrics.load_state_dict(state.running, main_process=accelerator.is_main_process)
+    history = run.truncate_metrics(state.epoch) if accelerator.is_main_process else []
+    say(f"resuming {run.path} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.global_step}")
+    if state.num_processes != accelerator.num_processes:
+        order = (
+            "the data order continues exactly, but"
+            if order_kept
+            else "the data order from here on is that of this number of processes (data.streaming_source reads each "
+            "epoch in the layout of its processes), and"
+        )
+        say(
+            f"warning: the checkpoint was written by {state.num_processes} process(es), this run has "
+            f"{accelerator.num_processes}: {order} the augmentation and dropout random "
+            "streams start afresh, so the result is no longer bit-exact with an uninterrupted run"
+        )
+        set_seed((seed * 1_000_003 + state.global_step * 1_009 + accelerator.process_index) % 2**32)
+    return state, history

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from .augment import normalize
 from .errors import UserError
+from .normalize import normalize
 
 __all__ = ["init_from_data", "wants_data_init"]
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .checkpoint import TrainState, load_checkpoint, newest_state, save_checkpoint
+from .checkpoint import TrainState, checkpointer, newest_state, start_state
 from .components import (
     build_augment,
     build_model,
@@ -44,6 +44,7 @@ from .recipe import flatten_recipe, recipe_to_toml
 from .rundir import RunDirectory, collect_env, resumed_recipe
 from .schedule import epoch_count, run_steps
 from .schema import Recipe, section_kwargs
+from .signals import stop_signals
 from .step import TrainStep, nonfinite_stop
 from .tta import tta_log_probs
 from .wording import option, speaking
@@ -67,7 +68,7 @@ def train(
     own recipe.toml is used; when given it must equal it). `recipe_file` and `overrides` are recorded in
     env.json (the command line passes them), so a result can name the command that made it.
     """
-    with speaking(command="train"), _signals() as signals:
+    with speaking(command="train"), stop_signals() as signals:
         recipe = resumed_recipe(recipe, Path(output_dir)) if resume else recipe
         t = recipe.train
         per_process_batch = preflight(recipe, launched_processes())  # before anything is built
@@ -105,11 +106,11 @@ def train(
             accelerator.wait_for_everyone()
             model, optimizer = accelerator.prepare(model, optimizer)
             step = _train_step(accelerator, model, optimizer, recipe, steps_per_epoch, lookahead)
-            state, history = _start_state(
+            state, history = start_state(
                 accelerator, run, step, scheduler, resume, say, seed=t.seed, order_kept=not recipe.data.streaming_source
             )
             accelerator.init_trackers(run.path.name, config=flatten_recipe(recipe))
-            save = _checkpointer(accelerator, run, step, scheduler, data.info.class_names, keep=t.keep_checkpoints)
+            save = checkpointer(accelerator, run, step, scheduler, data.info.class_names, keep=t.keep_checkpoints)
             signals.training()  # from here on a signal is a stop request: checkpoint at the next read, then stop
             for epoch in range(state.epoch, epoch_count(t.epochs)):
                 started = time.perf_counter()
@@ -125,11 +126,7 @@ def train(
                     stop=signals.requested,
                     save=save,
                 )
-                last = epoch + 1 == epoch_count(t.epochs)
-                if last or (epoch + 1) % t.eval_every == 0:
-                    tta = t.final_tta if last else "none"
-                    row.update(validate(accelerator, step.eval_model, val_batches, recipe.model.channels_last, tta=tta))
-                    state.best_val_acc1 = max(state.best_val_acc1, row["val_acc1"])
+                row.update(_validation_due(accelerator, step, val_batches, recipe, state, epoch))
                 row["epoch_seconds"] = time.perf_counter() - started
                 checkpoint = _end_epoch(accelerator, run, state, row, history, progress, save, t, stop_now)
                 if stop_now:
@@ -292,6 +289,18 @@ def validate(
     return {"val_loss": loss / count, "val_acc1": 100.0 * top1 / count, "val_acc5": 100.0 * top5 / count}
 
 
+def _validation_due(accelerator, step, val_batches, recipe: Recipe, state, epoch: int) -> dict[str, float]:
+    """Validate when `train.eval_every` says so, and always after the last epoch (with `train.final_tta`)."""
+    t = recipe.train
+    last = epoch + 1 == epoch_count(t.epochs)
+    if not (last or (epoch + 1) % t.eval_every == 0):
+        return {}
+    tta = t.final_tta if last else "none"
+    metrics = validate(accelerator, step.eval_model, val_batches, recipe.model.channels_last, tta=tta)
+    state.best_val_acc1 = max(state.best_val_acc1, metrics["val_acc1"])
+    return metrics
+
+
 def _end_epoch(accelerator, run, state, row, history, progress, save, t, stop_now: bool) -> Path | None:
     """Log the epoch, move the state to the next one, and checkpoint when due; returns the checkpoint."""
     state.elapsed_seconds += row["epoch_seconds"]
@@ -306,52 +315,6 @@ def _end_epoch(accelerator, run, state, row, history, progress, save, t, stop_no
     if stop_now or state.epoch == epoch_count(t.epochs) or state.epoch % t.checkpoint_every == 0:
         return save(state)
     return None
-
-
-def _checkpointer(accelerator, run, step, scheduler, classes, *, keep: int) -> Callable[[TrainState], Path | None]:
-    def save(state: TrainState) -> Path | None:
-        state.scheduler = scheduler.state_dict()
-        state.running = step.metrics.state_dict(accelerator)  # every process's sums together
-        state.class_names, state.num_processes = list(classes), accelerator.num_processes
-        tensors = step.lookahead.state_dict() if step.lookahead is not None else None
-        return save_checkpoint(accelerator, run.path, state, keep=keep, tensors=tensors)
-
-    return save
-
-
-def _start_state(
-    accelerator, run, step, scheduler, resume: bool, say, *, seed: int, order_kept: bool = True
-) -> tuple[TrainState, list[dict[str, Any]]]:
-    """A fresh state, or the newest loadable checkpoint's (metrics after it are forgotten).
-
-    A checkpoint written by another number of processes continues with the same data order (a global batch
-    holds the same images however many processes share it) but with new random streams for augmentation and
-    dropout: there is no saved stream for a process that did not exist, so no process keeps its old one.
-    `order_kept` is False where the data order itself depends on the number of processes (`data.streaming_source`).
-    """
-    if not resume:
-        return TrainState(), []
-    into = step.lookahead.load_state_dict if step.lookahead is not None else None
-    state = load_checkpoint(accelerator, run.path, log=say, tensors_into=into)
-    scheduler.load_state_dict(state.scheduler)
-    if state.running:
-        step.metrics.load_state_dict(state.running, main_process=accelerator.is_main_process)
-    history = run.truncate_metrics(state.epoch) if accelerator.is_main_process else []
-    say(f"resuming {run.path} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.global_step}")
-    if state.num_processes != accelerator.num_processes:
-        order = (
-            "the data order continues exactly, but"
-            if order_kept
-            else "the data order from here on is that of this number of processes (data.streaming_source reads each "
-            "epoch in the layout of its processes), and"
-        )
-        say(
-            f"warning: the checkpoint was written by {state.num_processes} process(es), this run has "
-            f"{accelerator.num_processes}: {order} the augmentation and dropout random "
-            "streams start afresh, so the result is no longer bit-exact with an uninterrupted run"
-        )
-        set_seed((seed * 1_000_003 + state.global_step * 1_009 + accelerator.process_index) % 2**32)
-    return state, history
 
 
 def _finish(accelerator, run, model, recipe, info, state, history) -> dict[str, Any]:
@@ -402,35 +365,3 @@ def _tracking(accelerator: Accelerator) -> Iterator[None]:
         yield
     finally:
         accelerator.end_training()
-
-
-class _Signals:
-    """SIGINT/SIGTERM while starting end the start-up at once (`Interrupted` with no checkpoint: the run directory
-    is left as it was); once `training()` is called they are only noted, and the loop checkpoints and stops at
-    its next read."""
-
-    def __init__(self) -> None:
-        self.requested: list[int] = []
-        self._training = False
-
-    def training(self) -> None:
-        self._training = True
-
-    def first(self) -> int:
-        return self.requested[0] if self.requested else signal.SIGTERM
-
-    def handle(self, signum: int, frame: Any) -> None:
-        if not self._training:
-            raise Interrupted(signum, None)
-        self.requested.append(signum)
-
-
-@contextmanager
-def _signals() -> Iterator[_Signals]:
-    signals = _Signals()
-    previous = {s: signal.signal(s, signals.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield signals
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -13,7 +13,8 @@ import torch
 
 from .atomic import read_only_above, write_atomic, write_json_atomic, write_text_atomic
 from .errors import UserError
-from .evaluation import ECE_BINS, evaluate_with_predictions, note, resolve_source
+from .eval_metrics import ECE_BINS
+from .evaluation import evaluate_with_predictions, note, resolve_source
 from .rundir import METRICS_FILE
 
 __all__ = [

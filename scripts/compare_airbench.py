@@ -35,13 +35,13 @@ import torch
 import torch.nn as nn
 
 import cifar_models  # noqa: F401
-from cifar_train.augment import normalize
 from cifar_train.components import build_augment
 from cifar_train.data import MemoryTrainBatches, load_dataset_splits
 from cifar_train.data.decoded import DecodedSplit
 from cifar_train.data.info import DatasetInfo
 from cifar_train.data_init import init_from_data
 from cifar_train.lookahead import ModelLookahead
+from cifar_train.normalize import normalize
 from cifar_train.optim import create_optimizer
 from cifar_train.recipe import load_recipe
 from cifar_train.schedule import create_scheduler, run_steps, schedule_curve

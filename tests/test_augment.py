@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_train.augment import BatchAugment, normalize
+from cifar_train.augment import BatchAugment
 from cifar_train.errors import UserError
+from cifar_train.normalize import normalize
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalised value = pixel / 255

@@ -16,7 +16,8 @@ from helpers import write_parquet_dataset
 import cifar_models  # noqa: F401  (registers resnet20)
 from cifar_train.cli import evaluate_main as main
 from cifar_train.errors import UserError
-from cifar_train.evaluation import compute_metrics, evaluate, expected_calibration_error, predict
+from cifar_train.eval_metrics import compute_metrics, expected_calibration_error
+from cifar_train.evaluation import evaluate, predict
 from cifar_train.export import export_model
 from cifar_train.recipe import load_recipe, recipe_to_toml
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from cifar_train.errors import UserError
-from cifar_train.optim import LARS, OPTIMIZER_NAMES, OWN_OPTIMIZER_NAMES, AdaBound, create_optimizer, param_groups
+from cifar_train.optim import OPTIMIZER_NAMES, OWN_OPTIMIZER_NAMES, create_optimizer, param_groups
+from cifar_train.seed_optimizers import LARS, AdaBound
 
 
 class TinyNet(nn.Module):

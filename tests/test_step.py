@@ -243,9 +243,9 @@ def test_each_epochs_training_loss_and_accuracy_are_its_own(tmp_path, digits_dir
 def test_validation_over_padded_batches_equals_the_plain_computation(batch_size):
     """Fixed-size batches (no recompilation under torch.compile) change nothing: top-1 and top-5 are the same
     counts, the loss the same sum, as one plain pass over the split."""
-    from cifar_train.augment import normalize
     from cifar_train.data import DecodedSplit, MemoryEvalBatches
     from cifar_train.loop import validate
+    from cifar_train.normalize import normalize
 
     generator = torch.Generator().manual_seed(0)
     split = DecodedSplit(

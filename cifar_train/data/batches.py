@@ -112,7 +112,7 @@ class MemoryEvalBatches:
         rank: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        from cifar_train.augment import Normalize  # (imports timm: only where evaluation really runs)
+        from cifar_train.normalize import Normalize
 
         self._normalize = Normalize(mean, std, device)  # its constants go to the device once, not per batch
         self.num_samples = len(split)

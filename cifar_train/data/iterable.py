@@ -268,7 +268,7 @@ class IterableTrainBatches:
         from cifar_train.data.transforms import train_transform
 
         readers = max(1, min(num_workers, stream.rows.num_shards))
-        from cifar_train.augment import Normalize
+        from cifar_train.normalize import Normalize
 
         hflip = getattr(augment, "hflip", True)
         transform = train_transform(channels=stream.channels, image_size=image_size, min_scale=min_scale, hflip=hflip)

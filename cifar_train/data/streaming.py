@@ -258,7 +258,7 @@ class StreamingTrainBatches:
         min_scale: float,
         num_workers: int,
     ) -> None:
-        from cifar_train.augment import Normalize
+        from cifar_train.normalize import Normalize
 
         hflip = getattr(augment, "hflip", True)
         transform = train_transform(channels=split.channels, image_size=image_size, min_scale=min_scale, hflip=hflip)
@@ -298,7 +298,7 @@ class StreamingEvalBatches:
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        from cifar_train.augment import Normalize
+        from cifar_train.normalize import Normalize
 
         transform = eval_transform(data_config, normalize=False)
         self.num_samples = len(split.rows)

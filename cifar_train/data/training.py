@@ -148,8 +148,7 @@ def open_training_data(
     by name, and a class the model does not know is refused. Call it in `accelerator.main_process_first()`: the
     main process decodes and caches, the others read.
     """
-    from cifar_train.data.batches import MemoryEvalBatches, MemoryTrainBatches
-    from cifar_train.data.decoded import DatasetSource, load_splits
+    from cifar_train.data.decoded import DatasetSource
     from cifar_train.data.streaming import choose_pipeline
 
     check_data(
@@ -173,28 +172,26 @@ def open_training_data(
     val_split, image_column, label_column = val_split or None, image_column or None, label_column or None
     source = DatasetSource(dataset, cache_dir)
     columns = dict(image_column=image_column, label_column=label_column)
+    streaming = dict(image_size=image_size, eval_resize=eval_resize, min_scale=min_scale, num_workers=num_workers)
     if streaming_source:
-        options = dict(image_size=image_size, eval_resize=eval_resize, min_scale=min_scale, num_workers=num_workers)
         return _source_stream_data(
-            source, train_split, val_split, columns, options, shuffle_buffer, seed=seed, say=say, classes=classes
+            source, train_split, val_split, columns, streaming, shuffle_buffer, seed=seed, say=say, classes=classes
         )
     chosen = choose_pipeline(source, pipeline=pipeline, train_split=train_split, skip_corrupt=skip_corrupt, **columns)
     if chosen == "streaming":
-        streaming = dict(image_size=image_size, eval_resize=eval_resize, min_scale=min_scale, num_workers=num_workers)
         return _streaming_data(
             source, train_split, val_split, train_limit, columns, streaming, seed=seed, say=say, classes=classes
         )
-    train, val, info = load_splits(
-        source,
-        train_split=train_split,
-        val_split=val_split,
-        val_fraction=val_fraction,
-        train_limit=train_limit,
-        seed=seed,
-        skip_corrupt=skip_corrupt,
-        say=say,
-        **columns,
-    )
+    splits = dict(train_split=train_split, val_split=val_split, val_fraction=val_fraction, train_limit=train_limit)
+    return _memory_data(source, splits, columns, seed=seed, skip_corrupt=skip_corrupt, say=say, classes=classes)
+
+
+def _memory_data(source, splits: dict, columns: dict, *, seed, skip_corrupt, say, classes) -> TrainingData:
+    """The in-memory pipeline: the splits decoded (or read from the decode cache) into uint8 tensors."""
+    from cifar_train.data.batches import MemoryEvalBatches, MemoryTrainBatches
+    from cifar_train.data.decoded import load_splits
+
+    train, val, info = load_splits(source, seed=seed, skip_corrupt=skip_corrupt, say=say, **splits, **columns)
     if classes is not None:
         train, val, info = _with_classes(train, val, info, classes)
     return TrainingData(
